@@ -1,0 +1,43 @@
+# make install: a .venv with torch (CPU wheel unless one is installed already) and lmtune.
+# make test / make check / make demo / make bench: see README.md.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install test check format lint typecheck demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a bare `torch` requirement would pull GBs of CUDA packages.
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+format: install
+	$(BIN)/ruff format lmtune tests demo
+
+lint: install
+	$(BIN)/ruff check lmtune tests demo
+
+typecheck: install
+	$(BIN)/mypy lmtune
+
+check: install
+	$(BIN)/ruff format --check lmtune tests demo
+	$(BIN)/ruff check lmtune tests demo
+	$(BIN)/mypy lmtune
+	$(BIN)/pytest -q
+
+demo: install
+	bash demo/run.sh
+
+clean:
+	rm -rf $(VENV) demo/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,308 @@
+"""The `lmtune` command. Each command turns its arguments into a config and makes one library call.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands so that
+`lmtune --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmtune import config
+from lmtune.errors import LmtuneError
+
+app = typer.Typer(
+    help="Fine-tune causal language models: finetune, generate, eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+recipes_app = typer.Typer(help="List, show and copy the shipped recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """lmtune shows its own progress; the libraries' bars and chatter would only interleave with it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
+    logging.getLogger("lmtune").setLevel(logging.INFO)
+
+
+def opt(key: str, *names: str, **kwargs: Any) -> Any:
+    """A flag for config key `key`: its name is the key's, its help the key's docstring."""
+    flag = "--" + key.replace("_", "-")
+    return typer.Option(flag, *names, help=config.help_for(key), **kwargs)
+
+
+MODEL, DATA, TRAIN = "Model", "Data", "Training"
+
+
+@app.command()
+def finetune(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="MODEL (hub id or folder) and any key=value config overrides, e.g. lr=1e-4.", show_default=False),
+    ] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name (lmtune recipes list) or YAML file.")] = None,
+    from_scratch: Annotated[bool | None, opt("from_scratch", rich_help_panel=MODEL)] = None,
+    tokenizer: Annotated[str | None, opt("tokenizer", rich_help_panel=MODEL)] = None,
+    vocab_size: Annotated[int | None, opt("vocab_size", rich_help_panel=MODEL)] = None,
+    n_layer: Annotated[int | None, opt("n_layer", rich_help_panel=MODEL)] = None,
+    n_head: Annotated[int | None, opt("n_head", rich_help_panel=MODEL)] = None,
+    n_embd: Annotated[int | None, opt("n_embd", rich_help_panel=MODEL)] = None,
+    n_positions: Annotated[int | None, opt("n_positions", rich_help_panel=MODEL)] = None,
+    dtype: Annotated[str | None, opt("dtype", rich_help_panel=MODEL)] = None,
+    trust_remote_code: Annotated[bool | None, opt("trust_remote_code", rich_help_panel=MODEL)] = None,
+    data: Annotated[str | None, opt("data", "-d", rich_help_panel=DATA)] = None,
+    text_column: Annotated[str | None, opt("text_column", rich_help_panel=DATA)] = None,
+    validation_data: Annotated[str | None, opt("validation_data", rich_help_panel=DATA)] = None,
+    validation_percent: Annotated[float | None, opt("validation_percent", rich_help_panel=DATA)] = None,
+    txt_documents: Annotated[str | None, opt("txt_documents", rich_help_panel=DATA)] = None,
+    block_size: Annotated[int | None, opt("block_size", rich_help_panel=DATA)] = None,
+    epochs: Annotated[int | None, opt("epochs", rich_help_panel=TRAIN)] = None,
+    max_steps: Annotated[int | None, opt("max_steps", rich_help_panel=TRAIN)] = None,
+    batch_size: Annotated[int | None, opt("batch_size", "-b", rich_help_panel=TRAIN)] = None,
+    gradient_accumulation_steps: Annotated[int | None, opt("gradient_accumulation_steps", rich_help_panel=TRAIN)] = None,
+    lr: Annotated[float | None, opt("lr", rich_help_panel=TRAIN)] = None,
+    schedule: Annotated[str | None, opt("schedule", rich_help_panel=TRAIN)] = None,
+    warmup_ratio: Annotated[float | None, opt("warmup_ratio", rich_help_panel=TRAIN)] = None,
+    weight_decay: Annotated[float | None, opt("weight_decay", rich_help_panel=TRAIN)] = None,
+    max_grad_norm: Annotated[float | None, opt("max_grad_norm", rich_help_panel=TRAIN)] = None,
+    mixed_precision: Annotated[str | None, opt("mixed_precision", rich_help_panel=TRAIN)] = None,
+    seed: Annotated[int | None, opt("seed", rich_help_panel=TRAIN)] = None,
+    eval_every: Annotated[int | None, opt("eval_every", rich_help_panel=TRAIN)] = None,
+    save_every: Annotated[int | None, opt("save_every", rich_help_panel=TRAIN)] = None,
+    log_every: Annotated[int | None, opt("log_every", rich_help_panel=TRAIN)] = None,
+    output: Annotated[str | None, opt("output", "-o")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Prepare everything and print the plan, without training.")] = False,
+) -> None:
+    """Fine-tune MODEL on --data (or train a new model with --from-scratch) and save a run folder.
+
+    Examples:  lmtune finetune gpt2 --data wikitext  |  lmtune finetune ./base --data corpus.txt lr=1e-4
+    """
+    flags = {k: v for k, v in locals().items() if k in config.Config.model_fields}
+    models = [a for a in args or [] if "=" not in a]
+    overrides = [a for a in args or [] if "=" in a]
+    if len(models) > 1:
+        raise LmtuneError(f"expected one MODEL, got {', '.join(models)}; overrides are written key=value")
+    if models:
+        flags["model"] = models[0]
+    cfg = config.build(recipe, flags, overrides)
+
+    quiet_libraries()
+    from lmtune.display import Display, duration, plan_table
+    from lmtune.train import finetune as run_finetune
+
+    # Under `accelerate launch` every process runs this; only the first (RANK 0) talks to the terminal.
+    if os.environ.get("RANK", "0") != "0":
+        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, report=lambda e: None)
+        return
+    with Display(console) as display:
+        result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, report=display)
+    if dry_run:
+        console.print(plan_table(result, "Dry run: nothing was trained or written"))
+        return
+    console.print(
+        f"[bold green]done[/] in {duration(result['train_seconds'])}: {result['steps']} steps, "
+        f"{result['train_tokens']:,} tokens, {result['tokens_per_second']:,.0f} tokens/s\n"
+        f"perplexity [bold]{result['base_eval_perplexity']:.2f}[/] before -> [bold]{result['eval_perplexity']:.2f}[/] after "
+        f"(loss {result['base_eval_loss']:.4f} -> {result['eval_loss']:.4f}, {result['eval_tokens']:,} validation tokens)\n"
+        f"saved to [bold]{result['output']}[/]; try: lmtune generate \"...\"  or  lmtune eval"
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Run folder, model folder or hub id. Default: the latest run.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to add at most (generation stops at EOS).")] = 50,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens; 0 turns it off.")] = 50,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this probability.")] = 0.95,
+    num_return_sequences: Annotated[int, typer.Option("--num-return-sequences", "-n", min=1, help="Continuations per prompt.")] = 1,
+    greedy: Annotated[bool, typer.Option(help="Always take the likeliest token (same as --temperature 0).")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="File of prompts, one per line (or JSONL with a `prompt` field); prints JSONL.")] = None,
+    compare: Annotated[str | None, typer.Option(help="Another model (e.g. the base) to continue the same prompt, side by side.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+) -> None:
+    """Continue PROMPT with a model; the text streams as it is made.
+
+    Example:  lmtune generate "Hello, my dog" --max-new-tokens 40 --seed 0
+    """
+    from lmtune import runs
+
+    if (prompt is None) == (prompts is None):
+        raise LmtuneError("give a PROMPT or --prompts FILE (one of the two)")
+    model = model or str(runs.latest())
+    texts = read_prompts(prompts) if prompts else [prompt or ""]
+    quiet_libraries()
+    from lmtune.generate import Sampling, generate as run_generate, load
+
+    s = Sampling(max_new_tokens, 0.0 if greedy else temperature, top_k, top_p, num_return_sequences, seed)
+    net, tok = load(model, dtype)
+    if prompts:
+        for text, outs in zip(texts, run_generate(net, tok, texts, s), strict=True):
+            print(json.dumps({"prompt": text, "completions": outs}), flush=True)
+        return
+    if compare:
+        other_net, other_tok = load(compare, dtype)
+        mine = run_generate(net, tok, texts, s)[0]
+        theirs = run_generate(other_net, other_tok, texts, s)[0]
+        table = Table(title=f"[bold]{texts[0]}[/] ...", show_lines=True)
+        table.add_column(model, ratio=1)
+        table.add_column(compare, ratio=1)
+        for a, b in zip(mine, theirs, strict=True):
+            table.add_row(texts[0] + a, texts[0] + b)
+        console.print(table)
+        return
+    if num_return_sequences == 1:
+        sys.stdout.write(texts[0])
+        sys.stdout.flush()
+
+        def stream(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        run_generate(net, tok, texts, s, on_text=stream)
+        sys.stdout.write("\n")
+        return
+    for i, out in enumerate(run_generate(net, tok, texts, s)[0], 1):
+        console.print(f"[bold]--- {i}[/]")
+        print(texts[0] + out)
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise LmtuneError(f"no such prompts file: {path}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise LmtuneError(f"prompts file {path} is empty")
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(str(json.loads(line)["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LmtuneError(f"{path} line {n}: expected a JSON object with a `prompt` field") from None
+    return out
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str] | None, typer.Argument(help="Run folders, model folders or hub ids. Default: the latest run.", show_default=False)] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data to score, as for finetune --data. Default: the run's validation data.")] = None,
+    block_size: Annotated[int | None, typer.Option(min=2, help="Context window in tokens. Default: the run's block size, else the model's context (at most 1024).")] = None,
+    stride: Annotated[int | None, typer.Option(min=1, help="Tokens the window moves each time; smaller scores each token with more history. Default: the block size.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
+    text_column: Annotated[str, typer.Option(help="Column that holds the text in tabular data.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Loss, perplexity and bits per byte of one or more models on the same data.
+
+    Example:  lmtune eval runs/my-run ./base-model --data test.txt --stride 512
+    """
+    from lmtune import runs
+
+    targets = models or [str(runs.latest())]
+    quiet_libraries()
+    from lmtune.display import Display
+    from lmtune.evaluate import evaluate_models
+
+    with Display(err_console) as display:
+        results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
+    if as_json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return
+    table = Table(title=f"Evaluation on {results[0]['data']}", title_justify="left")
+    for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        table.add_row(r["model"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")
+    console.print(table)
+    for r in results:
+        console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The shipped recipes and what each does."""
+    table = Table("recipe", "what it does", box=None)
+    for name, path in config.list_recipes().items():
+        table.add_row(f"[bold]{name}[/]", recipe_summary(path))
+    console.print(table)
+
+
+def recipe_summary(path: Path) -> str:
+    """First line of the recipe's header comment."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and line.strip("# "):
+            return line.strip("# ")
+    return ""
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or file.")]) -> None:
+    """Print a recipe, header and all."""
+    print(config.find_recipe(name).read_text(), end="")
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="Recipe name.")],
+    dest: Annotated[Path | None, typer.Argument(help="Where to write it. Default: NAME.yaml here.")] = None,
+) -> None:
+    """Copy a recipe to edit it; run it with lmtune finetune --recipe FILE."""
+    src = config.find_recipe(name)
+    target = dest or Path(src.name)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists():
+        raise LmtuneError(f"{target} already exists; choose another destination")
+    shutil.copyfile(src, target)
+    console.print(f"copied {name} to {target}; run it with: lmtune finetune --recipe {target}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app and turns known problems into one red line and exit code 1."""
+    try:
+        app(args=argv, prog_name="lmtune")
+    except LmtuneError as err:
+        if os.environ.get("LMTUNE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as err:  # a bug or an unforeseen failure: still one line, the traceback on request
+        if os.environ.get("LMTUNE_DEBUG"):
+            raise
+        first = (str(err).splitlines() or [""])[0]
+        err_console.print(
+            f"[bold red]error:[/] {type(err).__name__}: {first} (LMTUNE_DEBUG=1 shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

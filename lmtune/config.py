@@ -1,0 +1,195 @@
+"""The one typed configuration of a run, and how recipes and overrides build it.
+
+Precedence: the defaults below, then a recipe YAML, then command-line flags, then `key=value`
+overrides. A key, its flag (`--batch-size`), the variable and the logged name are the same word.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmtune.errors import LmtuneError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# A wheel install carries the recipes inside the package (see pyproject.toml).
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class Config(BaseModel):
+    """Everything that decides what a fine-tuning run does. Each field's docstring is its --help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    # --- model ---
+    model: str | None = None
+    """Hub id (gpt2) or local folder in save_pretrained format to start from."""
+    from_scratch: bool = False
+    """Random weights in a GPT-2-shaped model instead of loading pretrained ones."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id. Default: the model's own; from scratch with no model, one trained on the data."""
+    vocab_size: int = Field(8192, ge=260)
+    """Vocabulary size of a tokenizer trained on the data (from scratch only)."""
+    n_layer: int | None = Field(None, gt=0)
+    """Transformer layers of a from-scratch model (default: GPT-2's 12, or the --model's)."""
+    n_head: int | None = Field(None, gt=0)
+    """Attention heads of a from-scratch model (default: 12, or the --model's)."""
+    n_embd: int | None = Field(None, gt=0)
+    """Width of a from-scratch model (default: 768, or the --model's); must divide by n_head."""
+    n_positions: int | None = Field(None, gt=0)
+    """Context length in tokens of a from-scratch model (default: 1024, or the --model's)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype the weights are loaded in; float32 keeps exact master weights under mixed precision."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust its author."""
+
+    # --- data ---
+    data: str | None = None
+    """Training data: 'wikitext', a hub dataset as name or name:config, or a .txt/.jsonl/.json/.csv/.parquet file or folder."""
+    text_column: str = "text"
+    """Column that holds the text in tabular data."""
+    validation_data: str | None = None
+    """Validation data, same forms as --data. Default: the dataset's validation split, else a held-out share."""
+    validation_percent: float = Field(5.0, gt=0, lt=50)
+    """Percent of documents held out for validation when the data has no validation split."""
+    txt_documents: Literal["paragraph", "line", "file"] = "paragraph"
+    """How a .txt file splits into documents: at blank lines, at every line, or one per file."""
+    block_size: int | None = Field(None, gt=1)
+    """Tokens per training sequence. Default: the model's context, at most 1024."""
+
+    # --- training ---
+    epochs: int = Field(1, gt=0)
+    """Passes over the training data (ignored when --max-steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(8, gt=0)
+    """Sequences per micro-batch on each process."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches summed into one optimizer step."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of the optimizer steps spent warming the learning rate up from 0."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay, applied to weight matrices only (not biases or norms)."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the gradient norm to this; 0 turns clipping off."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto: bf16 on GPUs (fp16 on old ones) and on CPUs with bf16 units, else no."""
+    seed: int = 42
+    """Seeds weights of new models, data order and dropout."""
+    eval_every: int | None = Field(None, ge=0)
+    """Evaluate every N optimizer steps; 0 only at the end. Default: five times per run."""
+    save_every: int = Field(0, ge=0)
+    """Save a checkpoint every N optimizer steps; 0 saves only the final model."""
+    log_every: int = Field(10, gt=0)
+    """Log training loss every N optimizer steps."""
+
+    # --- output ---
+    output: str | None = None
+    """Run folder. Default: runs/<model>-<data>-<date>-<time>."""
+
+    @model_validator(mode="after")
+    def _shape_fits(self) -> Config:
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved config as a recipe: every key, so the run can be repeated exactly."""
+        return yaml.safe_dump(self.model_dump(exclude={"output"}), sort_keys=False)
+
+
+FIELDS = list(Config.model_fields)
+
+
+def help_for(key: str) -> str:
+    """The --help text of a flag is its config field's docstring."""
+    return Config.model_fields[key].description or ""
+
+
+def suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def build(recipe: str | None = None, flags: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the recipe, then flags, then `key=value` overrides; every problem reported at once."""
+    values: dict[str, Any] = dict(load_recipe(recipe)) if recipe else {}
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise LmtuneError(f"cannot read override `{item}`: write it as key=value, for example lr=1e-4")
+        if key not in Config.model_fields:
+            raise LmtuneError(f"unknown config key `{key}`{suggest(key)}")
+        # YAML reads the value so that 1e-4, true and null mean what they look like.
+        values[key] = yaml.safe_load(raw) if raw.strip() else None
+    return validate(values, source=recipe)
+
+
+def validate(values: dict[str, Any], source: str | None = None) -> Config:
+    try:
+        return Config(**values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "config"
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown config key `{key}`{suggest(key)}")
+            else:
+                problems.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e['input']!r})")
+        where = f" in {source}" if source else ""
+        raise LmtuneError(f"bad configuration{where}: " + "; ".join(problems)) from None
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def recipe_dirs() -> list[Path]:
+    return [d for d in (RECIPES_DIR, PACKAGED_RECIPES_DIR) if d.is_dir()]
+
+
+def list_recipes() -> dict[str, Path]:
+    """Shipped recipes by name (file stem)."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for path in sorted(d.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise LmtuneError(f"no such recipe file: {path}")
+        return path
+    shipped = list_recipes()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    raise LmtuneError(f"no recipe named `{name_or_path}`{hint} (`lmtune recipes list` shows them)")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    path = find_recipe(name_or_path)
+    try:
+        # safe_load builds plain data only: a `!!python/object` tag is refused, never run.
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise LmtuneError(f"cannot read recipe {path}: {first}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise LmtuneError(f"recipe {path} must be a mapping of config keys to values")
+    return values

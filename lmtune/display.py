@@ -1,0 +1,139 @@
+"""What a person sees while lmtune works: a live Rich display on a terminal, plain lines otherwise.
+
+The library reports events as dicts (the same dicts that go to metrics.jsonl); this turns them into
+output. Nothing outside the CLI layer writes to the terminal.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def human(n: float) -> str:
+    for unit in ("", "k", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def plan_table(plan: dict[str, Any], title: str) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    rows = [
+        ("model", f"{plan['model']} ({human(plan['parameters'])} parameters)"),
+        ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)"),
+        ("training tokens", f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else "")),
+        ("blocks", f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"),
+        ("validation", f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} documents: {plan['validation']}"),
+        ("steps", f"{plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epoch(s); {plan['total_steps']:,} in total"),
+        ("tokens per step", f"{plan['tokens_per_step']:,} ({plan['processes']} process(es))"),
+        ("precision", plan["mixed_precision"]),
+        ("output", plan["output"]),
+    ]
+    if "estimated_seconds" in plan:
+        rows.append(("estimated time", f"{duration(plan['estimated_seconds'])} of training (evaluations not included)"))
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/]", str(v))
+    return t
+
+
+class Display:
+    """Turns lmtune's events into a live display (terminal) or log lines (pipe, file, CI)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.live = console.is_terminal
+        self.progress: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+        self.phase = ""
+        self.info = ""
+        self.last_line = 0.0
+
+    def __enter__(self) -> Display:
+        if self.live:
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(elapsed_when_finished=True),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def print(self, *things: Any) -> None:
+        self.console.print(*things)
+
+    def _task(self, name: str, total: int | None) -> TaskID:
+        assert self.progress
+        if name not in self.tasks:
+            for other in self.tasks.values():  # a new phase ends the previous ones
+                task = self.progress.tasks[other]
+                if task.total is None:
+                    self.progress.update(other, total=1, completed=1)
+            self.tasks[name] = self.progress.add_task(name, total=total, info="")
+        return self.tasks[name]
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "phase":
+            self._phase(event)
+        elif kind == "plan":
+            self.print(plan_table(event, "Plan"))
+        elif kind == "progress":
+            if self.progress:
+                self.progress.update(self._task("training", event["total_steps"]), completed=event["step"], info=self.info)
+        elif kind == "train":
+            self.info = (
+                f"loss {event['loss']:.4f}  ppl {event['perplexity']:.2f}  lr {event['lr']:.2e}  "
+                f"{human(event['tokens_per_second'])} tok/s"
+            )
+            if self.progress:
+                self.progress.update(self._task("training", None), info=self.info)
+            else:
+                self.print(f"step {event['step']}  {self.info}")
+        elif kind == "eval":
+            self.print(
+                f"[cyan]eval[/] step {event['step']}: loss {event['eval_loss']:.4f}  perplexity {event['eval_perplexity']:.2f}"
+            )
+
+    def _phase(self, event: dict[str, Any]) -> None:
+        name, total, done = event["phase"], event.get("total"), event.get("done")
+        if self.progress:
+            task = self._task(name, total)
+            if done is not None:
+                self.progress.update(task, completed=done, total=total)
+            if name == "evaluating" and done == total:
+                # Evaluation repeats: forget its bar so the next one starts fresh.
+                self.progress.remove_task(task)
+                del self.tasks[name]
+            return
+        # Plain output: say when a phase starts, then at most one progress line every 10 seconds.
+        now = time.monotonic()
+        if name != self.phase:
+            self.phase = name
+            self.last_line = now
+            self.print(f"{name}" + (f" ({total:,})" if total else "") + " ...")
+        elif done is not None and total and now - self.last_line > 10:
+            self.last_line = now
+            self.print(f"{name}: {done:,}/{total:,}")
+        if name == "evaluating" and done == total:
+            self.phase = ""

@@ -1,0 +1,176 @@
+"""Loss, perplexity and bits per byte of a model on a token stream, each token scored once.
+
+The same function scores validation during training and in `lmtune eval`, so their figures agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmtune.data import Report, Split
+
+
+@dataclass
+class Score:
+    tokens: int  # tokens scored (predicted with at least one token of context before them)
+    nll: float  # their summed negative log-likelihood, in nats
+    stream_tokens: int  # tokens in the stream, scored or not
+    bytes: int  # UTF-8 bytes of the text the stream encodes
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per scored token (nats): a token-weighted mean, not a mean of batch means."""
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Bits per UTF-8 byte of text: loss in bits times tokens per byte. Comparable across tokenizers."""
+        return self.loss / math.log(2) * self.stream_tokens / self.bytes
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"tokens": self.tokens, "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_target) of each window over a stream of n tokens.
+
+    Every token from position 1 on is a target exactly once, predicted from up to `context` tokens
+    that end right before it. With stride == context the windows do not overlap and each window's
+    first token has no context in it, so it is not scored; with a smaller stride every token after
+    the first is scored with at least context - stride tokens of history.
+    """
+    out, prev_end = [], 0
+    for start in range(0, n, stride):
+        end = min(start + context, n)
+        first = max(prev_end, start + 1)
+        if first < end:
+            out.append((start, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def score(
+    model: torch.nn.Module,
+    split: Split,
+    context: int,
+    stride: int,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    report: Report = lambda e: None,
+) -> Score:
+    """Score `split` with `model`. Across processes each takes every world-th window; `reduce` sums."""
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(np.asarray(split.ids, dtype=np.int64))
+    mine = windows(len(ids), context, stride)[rank::world]
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    for b in range(0, len(mine), batch_size):
+        batch = mine[b : b + batch_size]
+        inputs = torch.zeros(len(batch), context, dtype=torch.int64)  # (B, T) short windows right-padded
+        labels = torch.full((len(batch), context), -100, dtype=torch.int64)  # -100: not scored
+        for row, (start, end, first) in enumerate(batch):
+            inputs[row, : end - start] = ids[start:end]
+            labels[row, first - start : end - start] = ids[first:end]
+        inputs, labels = inputs.to(device), labels.to(device)
+        with autocast():
+            logits = model(input_ids=inputs).logits  # (B, T, V); causal, so right padding changes nothing
+        # Position t predicts token t+1. Upcast: a bf16 log-softmax over 50k tokens loses digits.
+        nll += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        ).double()
+        count += (labels[:, 1:] != -100).sum()
+        report({"event": "phase", "phase": "evaluating", "done": min(b + batch_size, len(mine)), "total": len(mine)})
+    model.train(was_training)
+    nll, count = reduce(nll), reduce(count)
+    return Score(int(count.item()), float(nll.item()), len(ids), split.bytes)
+
+
+def describe(tokenizer: Any, context: int, stride: int) -> str:
+    """Which perplexity a figure is: they are only comparable with the same tokenizer, context and stride."""
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name or type(tokenizer).__name__
+    return f"token-level perplexity; tokenizer {name} ({len(tokenizer)} tokens); context {context}; stride {stride}"
+
+
+def evaluate_models(
+    models: list[str],
+    data_spec: str | None,
+    block_size: int | None,
+    stride: int | None,
+    batch_size: int,
+    text_column: str = "text",
+    report: Report = lambda e: None,
+) -> list[dict[str, Any]]:
+    """Score each model on the same data: --data, else the validation data of the first run folder given."""
+    from lmtune import data
+    from lmtune.config import Config, validate
+    from lmtune.errors import LmtuneError
+    from lmtune.generate import load
+    from lmtune.model import context_length, resolve_block_size
+
+    def run_of(name: str) -> Path | None:
+        return Path(name) if (Path(name) / "config.yaml").is_file() and (Path(name) / "summary.json").is_file() else None
+
+    run = next((r for r in map(run_of, models) if r), None)
+    if data_spec is None and run is None:
+        raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")
+    run_cfg = validate(yaml_load(run / "config.yaml"), source=str(run / "config.yaml")) if run else None
+    results = []
+    for name in models:
+        report({"event": "phase", "phase": f"loading {name}"})
+        net, tok = load(name)
+        own_run = run_of(name)
+        context = block_size or (json_load(own_run / "summary.json")["block_size"] if own_run else None)
+        context = resolve_block_size(context, net)
+        step = stride or context
+        if step > context:
+            raise LmtuneError(f"--stride {step} is longer than the context of {context}; use at most {context}")
+        if data_spec:
+            split = data.eval_split(data_spec, Config(text_column=text_column), tok, report)
+            where = data_spec
+        else:
+            assert run and run_cfg
+            split = data.load_corpus(run_cfg, tok, report).validation
+            where = f"the validation data of {run} ({run_cfg.data})"
+        if len(split.ids) < 2:
+            raise LmtuneError(f"{where} is shorter than 2 tokens; nothing to score")
+        s = score(net, split, context, step, batch_size, report=report)
+        results.append({
+            "model": name, "data": where, **s.as_dict(), "context": context, "stride": step,
+            "tokenizer": Path(str(tok.name_or_path)).name, "vocab": len(tok),
+            "model_context": context_length(net), "perplexity_kind": describe(tok, context, step),
+        })  # fmt: skip
+    return results
+
+
+def yaml_load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def json_load(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text())

@@ -1,0 +1,81 @@
+"""`lmtune generate`: continue prompts with a trained model, streaming text as it is made."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, TextStreamer
+
+from lmtune.errors import LmtuneError
+from lmtune.model import from_pretrained, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 50
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 50
+    top_p: float = 0.95
+    num_return_sequences: int = 1
+    seed: int | None = None
+
+
+def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
+    if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+        raise LmtuneError(f"{model} is not a model folder (no config.json); pass a run folder or a model")
+    tok = load_tokenizer(model, trust_remote_code)
+    net = from_pretrained(
+        AutoModelForCausalLM, model, "model", dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    net.eval()
+    return net, tok
+
+
+class _Stream(TextStreamer):
+    """transformers' streamer, sending finished words to a function instead of print()."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.on_text(text)
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], s: Sampling, on_text: Callable[[str], None] | None = None
+) -> list[list[str]]:
+    """Continuations (without the prompt) of each prompt: s.num_return_sequences each. Stops at EOS.
+
+    `on_text` streams the text of a single prompt and sequence as it is made.
+    """
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
+    greedy = s.temperature == 0
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    if enc["input_ids"].shape[1] == 0:
+        # An empty prompt: start from EOS, which is how the model saw every document begin.
+        enc = tokenizer([tokenizer.eos_token] * len(prompts), return_tensors="pt", add_special_tokens=False).to(model.device)
+    stream = _Stream(tokenizer, on_text) if on_text and len(prompts) == 1 and s.num_return_sequences == 1 else None
+    out = model.generate(
+        **enc,
+        max_new_tokens=s.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else s.temperature,
+        top_k=None if greedy else s.top_k,
+        top_p=None if greedy else s.top_p,
+        num_return_sequences=s.num_return_sequences,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=stream,
+    )  # (len(prompts) * n, prompt + new tokens); prompts are left-padded, so new tokens start at one column
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    n = s.num_return_sequences
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -1,0 +1,145 @@
+"""Getting a model and its tokenizer: from the hub, from a folder, or new (from scratch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
+
+from lmtune.config import Config
+from lmtune.errors import LmtuneError
+
+log = logging.getLogger("lmtune")
+
+EOS = "<|endoftext|>"  # GPT-2's end-of-text token, reused by tokenizers lmtune trains
+MAX_BLOCK = 1024  # default block size cap: longer blocks cost memory faster than they help
+
+
+def looks_local(name: str) -> bool:
+    """A path the user meant as a folder, as opposed to a hub id like `gpt2` or `org/model`."""
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """Call a transformers loader and turn its failures into one clear line."""
+    if looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise LmtuneError(f"no such {what} folder: {name}")
+        name = str(path)
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise LmtuneError(
+                f"{what} {name} needs code shipped with it; pass --trust-remote-code if you trust its author"
+            ) from None
+        raise LmtuneError(f"cannot load {what} {name}: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        if Path(name).is_dir():
+            raise LmtuneError(f"cannot load {what} from {name}: {str(err).splitlines()[0]}") from None
+        raise LmtuneError(
+            f"cannot find {what} `{name}` on the hub or in the local cache "
+            "(offline, misspelt, or private without a token?); or pass a local folder"
+        ) from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise LmtuneError(f"{name} has no tokenizer files; pass --tokenizer with a tokenizer folder or hub id")
+    tok = from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise LmtuneError(f"tokenizer {name} has no EOS token, which lmtune joins documents with")
+    if tok.pad_token is None:
+        # GPT-2 has no pad token. Training packs blocks and never pads; generation pads prompts on the
+        # left with EOS and masks them out, which is the standard, harmless choice.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer (GPT-2's kind: any text encodes, nothing is unknown) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is unknown
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    tok.padding_side = "left"
+    return tok
+
+
+def new_model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """GPT-2 shaped config for a from-scratch model: the --model's shape (or GPT-2 small's), with overrides."""
+    base = (
+        from_pretrained(AutoConfig, cfg.model, "model config", trust_remote_code=cfg.trust_remote_code)
+        if cfg.model
+        else GPT2Config()
+    )
+    shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "n_positions") if getattr(cfg, k)}
+    for key, value in shape.items():
+        if not hasattr(base, key):
+            raise LmtuneError(f"--{key.replace('_', '-')} only applies to GPT-2 shaped models, not {base.model_type}")
+        setattr(base, key, value)
+    if base.n_embd % base.n_head:
+        raise LmtuneError(f"n_embd ({base.n_embd}) must be a multiple of n_head ({base.n_head})")
+    base.vocab_size = len(tokenizer)
+    base.bos_token_id = base.eos_token_id = tokenizer.eos_token_id
+    base.pad_token_id = tokenizer.pad_token_id
+    return base
+
+
+def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """The model to train: pretrained weights from --model, or new random ones with --from-scratch."""
+    dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.from_scratch:
+        model = AutoModelForCausalLM.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
+    else:
+        assert cfg.model, "checked by the caller"
+        model = from_pretrained(
+            AutoModelForCausalLM, cfg.model, "model", dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise LmtuneError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings}"
+                " embeddings; use the model's own tokenizer"
+            )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's positions allow (None if it does not say)."""
+    mc = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(mc, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_block_size(requested: int | None, model: torch.nn.Module) -> int:
+    context = context_length(model)
+    if requested is None:
+        return min(context or MAX_BLOCK, MAX_BLOCK)
+    if context is not None and requested > context:
+        raise LmtuneError(f"--block-size {requested} is longer than the model's context of {context} tokens")
+    return requested
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,333 @@
+"""`lmtune finetune`: prepare data and model, run one training loop under Accelerate, save a run folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lmtune import data, runs
+from lmtune.config import Config
+from lmtune.data import Report
+from lmtune.errors import LmtuneError
+from lmtune.evaluate import Score, score
+from lmtune.model import load_model, load_tokenizer, parameter_count, resolve_block_size, train_tokenizer
+
+log = logging.getLogger("lmtune")
+
+
+def log_report(event: dict[str, Any]) -> None:
+    """The report used when no display is attached: metrics as log lines, progress ignored."""
+    if event["event"] in ("train", "eval"):
+        log.info(json.dumps(event))
+
+
+class Blocks(Dataset):
+    """Packed blocks as a dataset; the (n, T) array stays a memory map until a batch is taken."""
+
+    def __init__(self, blocks: np.ndarray):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.blocks[i].astype(np.int64))
+
+
+# --- preparation ------------------------------------------------------------------------------------
+
+
+def resolve_precision(choice: str) -> str:
+    """The mixed precision to use: bf16 where the hardware computes it fast, else full precision."""
+    if choice == "fp16" and not torch.cuda.is_available():
+        raise LmtuneError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bf16 matrix units. Without them PyTorch emulates bf16 and it is slower than fp32
+    (measured: a 1024x1024 bf16 matmul 5x slower than fp32 on an AVX-512 Xeon lacking avx512_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def get_tokenizer(cfg: Config, report: Report) -> Any:
+    """The given tokenizer, the model's own, or (from scratch with neither) one trained on the data, cached."""
+    if cfg.tokenizer or cfg.model:
+        return load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)  # type: ignore[arg-type]
+    key_parts = [data.identity(cfg.data), cfg.text_column, cfg.txt_documents, cfg.vocab_size]
+    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
+    folder = runs.home() / "tokenizers" / key
+    if not folder.is_dir():
+        report({"event": "phase", "phase": "training a tokenizer"})
+        texts = data.read_documents(cfg.data, cfg)  # type: ignore[arg-type]
+        # Trained on the training split; when validation is held out of it later, its documents were
+        # seen by the tokenizer (only the vocabulary, never the model), as in most from-scratch recipes.
+        tok = train_tokenizer(texts.get("train") or next(iter(texts.values())), cfg.vocab_size)
+        tmp = folder.with_name(key + ".tmp")
+        tok.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return load_tokenizer(str(folder))
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices only: decaying biases and norm gains just pulls them towards zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Model (safetensors) and tokenizer into `folder`, written beside it first so no half-written model is seen."""
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        f.replace(folder / f.name)
+    tmp.rmdir()
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute, so the saved config.yaml (and `lmtune eval`) works from any folder."""
+    update = {
+        key: str(Path(value).expanduser().resolve())
+        for key in ("model", "tokenizer", "data", "validation_data")
+        if (value := getattr(cfg, key)) and Path(value).expanduser().exists()
+    }
+    return cfg.model_copy(update=update)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def finetune(cfg: Config, *, dry_run: bool = False, overwrite: bool = False, report: Report = log_report) -> dict[str, Any]:
+    """Fine-tune (or train from scratch) as `cfg` says. Returns the summary, or the plan with dry_run."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    if not cfg.data:
+        raise LmtuneError("no training data: pass --data with a file, a folder or a hub dataset name")
+    if not cfg.model and not cfg.from_scratch:
+        raise LmtuneError("no model: pass a hub id or a folder (lmtune finetune gpt2 ...), or --from-scratch")
+    cfg = absolute_paths(cfg)
+    output = Path(cfg.output) if cfg.output else runs.default_output(cfg)
+    if not dry_run:
+        runs.check_output(output, cfg.model, overwrite)
+
+    precision = resolve_precision(cfg.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # The data order depends only on the seed and the epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    set_seed(cfg.seed)
+    main = accelerator.is_main_process
+    say: Report = report if main else (lambda e: None)
+
+    # Tokenize on the main process first; the others then read its cache.
+    with accelerator.main_process_first():
+        tokenizer = get_tokenizer(cfg, say)
+        corpus = data.load_corpus(cfg, tokenizer, say)
+    say({"event": "phase", "phase": "loading model"})
+    model = load_model(cfg, tokenizer)
+    block = resolve_block_size(cfg.block_size, model)
+    blocks, dropped = data.pack(corpus.train.ids, block)
+    if len(blocks) == 0:
+        raise LmtuneError(
+            f"the training data has {len(corpus.train.ids)} tokens, fewer than one block of {block}; "
+            "pass a smaller --block-size or more data"
+        )
+    if len(corpus.validation.ids) < 2:
+        raise LmtuneError("the validation data is shorter than 2 tokens; pass more --validation-data")
+
+    loader = DataLoader(Blocks(blocks), batch_size=cfg.batch_size, shuffle=True)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 5)
+    tokens_per_step = cfg.batch_size * block * cfg.gradient_accumulation_steps * accelerator.num_processes
+    # Scheduled by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+        optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    plan = {
+        "output": str(output),
+        "model": cfg.model or "new GPT-2 shaped model",
+        "parameters": parameter_count(accelerator.unwrap_model(model)),
+        "mixed_precision": precision,
+        "processes": accelerator.num_processes,
+        "documents": corpus.train.documents,
+        "empty_documents": corpus.empty_documents,
+        "train_tokens_available": len(corpus.train.ids),
+        "block_size": block,
+        "blocks": len(blocks),
+        "tokens_dropped": dropped,
+        "validation": corpus.validation_source,
+        "validation_documents": corpus.validation.documents,
+        "validation_tokens": len(corpus.validation.ids),
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": epochs,
+        "total_steps": total_steps,
+        "tokens_per_step": tokens_per_step,
+        "data_from_cache": corpus.cached,
+    }
+
+    def evaluate() -> Score:
+        return score(
+            accelerator.unwrap_model(model), corpus.validation, block, block, cfg.batch_size,
+            rank=accelerator.process_index, world=accelerator.num_processes,
+            autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), report=say,
+        )  # fmt: skip
+
+    if dry_run:
+        plan["estimated_seconds"] = estimate_seconds(model, loader, accelerator, cfg, total_steps)
+        return plan
+    say({"event": "plan", **plan})
+
+    # The run folder: config first (a recipe to repeat the run), metrics as they come, summary last.
+    if main:
+        if overwrite:
+            shutil.rmtree(output, ignore_errors=True)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(cfg.to_yaml())
+    metrics = (output / "metrics.jsonl").open("a") if main else None
+
+    def record(event: dict[str, Any]) -> None:
+        if metrics:
+            metrics.write(json.dumps(event) + "\n")
+            metrics.flush()
+        say(event)
+
+    base = evaluate()
+    record({"event": "eval", "step": 0, "tokens": 0, "eval_loss": base.loss, "eval_perplexity": base.perplexity})
+
+    # --- the training loop ------------------------------------------------------------------------
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    loss_sum = torch.zeros((), device=accelerator.device)  # token-weighted, summed on device between logs
+    loss_tokens = 0
+    last = base
+    model.train()
+    tick = time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:  # (B, T) token ids
+            # forward and backward; accelerate sums micro-batches and syncs on the last one
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch, labels=batch).loss  # mean over the B*(T-1) label tokens
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            n_labels = batch.shape[0] * (batch.shape[1] - 1)
+            loss_sum += loss.detach() * n_labels
+            loss_tokens += n_labels
+            tokens_seen += batch.numel() * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            say({"event": "progress", "step": step, "total_steps": total_steps})
+
+            # log: the only host-device sync of a training step, once every log_every steps
+            if step % cfg.log_every == 0 or step == total_steps:
+                mean = (accelerator.reduce(loss_sum, "sum") / (loss_tokens * accelerator.num_processes)).item()
+                train_seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                record({
+                    "event": "train", "step": step, "epoch": epoch, "tokens": tokens_seen,
+                    "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_second": tokens_seen / train_seconds, "elapsed": train_seconds,
+                })  # fmt: skip
+                loss_sum.zero_()
+                loss_tokens = 0
+
+            # evaluate and checkpoint (not counted as training time)
+            if eval_every and step % eval_every == 0 and step < total_steps:
+                train_seconds += time.perf_counter() - tick
+                last = evaluate()
+                record({"event": "eval", "step": step, "tokens": tokens_seen, "eval_loss": last.loss, "eval_perplexity": last.perplexity})
+                tick = time.perf_counter()
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                train_seconds += time.perf_counter() - tick
+                accelerator.wait_for_everyone()
+                if main:
+                    save_model(accelerator.unwrap_model(model), tokenizer, output / "checkpoints" / f"step-{step:07d}")
+                tick = time.perf_counter()
+            if step >= total_steps:
+                break
+        if step >= total_steps:
+            break
+    train_seconds += time.perf_counter() - tick
+
+    final = evaluate()
+    record({"event": "eval", "step": step, "tokens": tokens_seen, "eval_loss": final.loss, "eval_perplexity": final.perplexity})
+    accelerator.wait_for_everyone()
+    summary = {
+        **plan,
+        "steps": step,
+        "train_tokens": tokens_seen,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens_seen / train_seconds,
+        "eval_tokens": final.tokens,
+        "eval_loss": final.loss,
+        "eval_perplexity": final.perplexity,
+        "eval_bits_per_byte": final.bits_per_byte,
+        "base_eval_loss": base.loss,
+        "base_eval_perplexity": base.perplexity,
+        "base_eval_bits_per_byte": base.bits_per_byte,
+    }
+    if main:
+        assert metrics is not None
+        metrics.close()
+        save_model(accelerator.unwrap_model(model), tokenizer, output)
+        # summary.json last: its presence marks a complete run.
+        (output / runs.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        runs.remember(output)
+    accelerator.end_training()
+    return summary
+
+
+def estimate_seconds(model: Any, loader: Any, accelerator: Any, cfg: Config, total_steps: int) -> float:
+    """Time a few forward/backward passes (weights untouched: no optimizer step) and scale to the run."""
+    batch = next(iter(loader))
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch).loss
+        accelerator.backward(loss)
+        timings.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    # The first pass warms caches and allocators, so it is left out.
+    return min(timings[1:]) * cfg.gradient_accumulation_steps * total_steps
