@@ -28,7 +28,20 @@ MORALS = [
     "Pride comes before a fall.",
     "Many hands make light work.",
 ]
-CITIES = ["Oslo", "Lisbon", "Cairo", "Lima", "Tokyo", "Nairobi", "Dublin", "Quito", "Hanoi", "Perth", "Bergen", "Denver"]
+CITIES = [
+    "Oslo",
+    "Lisbon",
+    "Cairo",
+    "Lima",
+    "Tokyo",
+    "Nairobi",
+    "Dublin",
+    "Quito",
+    "Hanoi",
+    "Perth",
+    "Bergen",
+    "Denver",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 SKIES = ["sunny", "cloudy", "partly cloudy", "overcast", "foggy", "clear", "windy", "stormy"]
 RAIN = ["light rain", "heavy rain", "showers", "drizzle", "snow", "sleet", "thunderstorms", "no rain"]
@@ -41,10 +54,12 @@ def story(r: random.Random) -> str:
     lines = [
         f"Once upon a time, a {r.choice(ADJ)} {a} named {name} lived near the {place}.",
         f"Every morning the {a} went to the {r.choice(PLACES)} to look for {thing}.",
-        f"One day the {a} met a {r.choice(ADJ)} {b}, who said, \"I will help you find {thing}.\"",
+        f'One day the {a} met a {r.choice(ADJ)} {b}, who said, "I will help you find {thing}."',
     ]
     if r.random() < 0.5:
-        lines.append(f"They walked past the {r.choice(PLACES)} and over the {r.choice(PLACES)} until the sun went down.")
+        lines.append(
+            f"They walked past the {r.choice(PLACES)} and over the {r.choice(PLACES)} until the sun went down."
+        )
     else:
         lines.append(f"But the {b} wanted {r.choice(THINGS)} instead, and the two friends argued all day.")
     lines.append(f"At last {name} the {a} found {thing} under an old tree by the {r.choice(PLACES)}.")

@@ -60,9 +60,13 @@ MODEL, DATA, TRAIN = "Model", "Data", "Training"
 def finetune(
     args: Annotated[
         list[str] | None,
-        typer.Argument(help="MODEL (hub id or folder) and any key=value config overrides, e.g. lr=1e-4.", show_default=False),
+        typer.Argument(
+            help="MODEL (hub id or folder) and any key=value config overrides, e.g. lr=1e-4.", show_default=False
+        ),
     ] = None,
-    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name (lmtune recipes list) or YAML file.")] = None,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", "-r", help="Recipe name (lmtune recipes list) or YAML file.")
+    ] = None,
     from_scratch: Annotated[bool | None, opt("from_scratch", rich_help_panel=MODEL)] = None,
     tokenizer: Annotated[str | None, opt("tokenizer", rich_help_panel=MODEL)] = None,
     vocab_size: Annotated[int | None, opt("vocab_size", rich_help_panel=MODEL)] = None,
@@ -81,7 +85,9 @@ def finetune(
     epochs: Annotated[int | None, opt("epochs", rich_help_panel=TRAIN)] = None,
     max_steps: Annotated[int | None, opt("max_steps", rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[int | None, opt("batch_size", "-b", rich_help_panel=TRAIN)] = None,
-    gradient_accumulation_steps: Annotated[int | None, opt("gradient_accumulation_steps", rich_help_panel=TRAIN)] = None,
+    gradient_accumulation_steps: Annotated[
+        int | None, opt("gradient_accumulation_steps", rich_help_panel=TRAIN)
+    ] = None,
     lr: Annotated[float | None, opt("lr", rich_help_panel=TRAIN)] = None,
     schedule: Annotated[str | None, opt("schedule", rich_help_panel=TRAIN)] = None,
     warmup_ratio: Annotated[float | None, opt("warmup_ratio", rich_help_panel=TRAIN)] = None,
@@ -127,23 +133,33 @@ def finetune(
         f"{result['train_tokens']:,} tokens, {result['tokens_per_second']:,.0f} tokens/s\n"
         f"perplexity [bold]{result['base_eval_perplexity']:.2f}[/] before -> [bold]{result['eval_perplexity']:.2f}[/] after "
         f"(loss {result['base_eval_loss']:.4f} -> {result['eval_loss']:.4f}, {result['eval_tokens']:,} validation tokens)\n"
-        f"saved to [bold]{result['output']}[/]; try: lmtune generate \"...\"  or  lmtune eval"
+        f'saved to [bold]{result["output"]}[/]; try: lmtune generate "..."  or  lmtune eval'
     )
 
 
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Run folder, model folder or hub id. Default: the latest run.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Run folder, model folder or hub id. Default: the latest run.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to add at most (generation stops at EOS).")] = 50,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens; 0 turns it off.")] = 50,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this probability.")] = 0.95,
-    num_return_sequences: Annotated[int, typer.Option("--num-return-sequences", "-n", min=1, help="Continuations per prompt.")] = 1,
+    top_p: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this probability.")
+    ] = 0.95,
+    num_return_sequences: Annotated[
+        int, typer.Option("--num-return-sequences", "-n", min=1, help="Continuations per prompt.")
+    ] = 1,
     greedy: Annotated[bool, typer.Option(help="Always take the likeliest token (same as --temperature 0).")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="File of prompts, one per line (or JSONL with a `prompt` field); prints JSONL.")] = None,
-    compare: Annotated[str | None, typer.Option(help="Another model (e.g. the base) to continue the same prompt, side by side.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="File of prompts, one per line (or JSONL with a `prompt` field); prints JSONL.")
+    ] = None,
+    compare: Annotated[
+        str | None, typer.Option(help="Another model (e.g. the base) to continue the same prompt, side by side.")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
 ) -> None:
     """Continue PROMPT with a model; the text streams as it is made.
@@ -157,7 +173,8 @@ def generate(
     model = model or str(runs.latest())
     texts = read_prompts(prompts) if prompts else [prompt or ""]
     quiet_libraries()
-    from lmtune.generate import Sampling, generate as run_generate, load
+    from lmtune.generate import Sampling, load
+    from lmtune.generate import generate as run_generate
 
     s = Sampling(max_new_tokens, 0.0 if greedy else temperature, top_k, top_p, num_return_sequences, seed)
     net, tok = load(model, dtype)
@@ -170,8 +187,8 @@ def generate(
         mine = run_generate(net, tok, texts, s)[0]
         theirs = run_generate(other_net, other_tok, texts, s)[0]
         table = Table(title=f"[bold]{texts[0]}[/] ...", show_lines=True)
-        table.add_column(model, ratio=1)
-        table.add_column(compare, ratio=1)
+        for name in (model, compare):  # a folder by its name: full paths would wrap the header
+            table.add_column(Path(name).name if Path(name).exists() else name, ratio=1)
         for a, b in zip(mine, theirs, strict=True):
             table.add_row(texts[0] + a, texts[0] + b)
         console.print(table)
@@ -211,10 +228,28 @@ def read_prompts(path: Path) -> list[str]:
 
 @app.command("eval")
 def eval_(
-    models: Annotated[list[str] | None, typer.Argument(help="Run folders, model folders or hub ids. Default: the latest run.", show_default=False)] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Data to score, as for finetune --data. Default: the run's validation data.")] = None,
-    block_size: Annotated[int | None, typer.Option(min=2, help="Context window in tokens. Default: the run's block size, else the model's context (at most 1024).")] = None,
-    stride: Annotated[int | None, typer.Option(min=1, help="Tokens the window moves each time; smaller scores each token with more history. Default: the block size.")] = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Run folders, model folders or hub ids. Default: the latest run.", show_default=False),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="Data to score, as for finetune --data. Default: the run's validation data."),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            help="Context window in tokens. Default: the run's block size, else the model's context (at most 1024).",
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tokens the window moves each time; smaller scores each token with more history. Default: the block size.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
     text_column: Annotated[str, typer.Option(help="Column that holds the text in tabular data.")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -239,7 +274,9 @@ def eval_(
     for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
-        table.add_row(r["model"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")
+        table.add_row(
+            r["model"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}"
+        )
     console.print(table)
     for r in results:
         console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
@@ -284,8 +321,47 @@ def recipes_copy(
     console.print(f"copied {name} to {target}; run it with: lmtune finetune --recipe {target}")
 
 
+def cpu_processes_requested() -> int:
+    """N, when `accelerate launch --cpu --num_processes N` started only this one process.
+
+    accelerate's simple launcher runs a single process for --cpu (huggingface/accelerate#2741). It
+    exports MASTER_ADDR only when N > 1 and sets no rank variables; N itself is on its command line.
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
+        return 1
+    if any(k in env for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
+        return 1  # already one of several processes
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return 1
+    for i, arg in enumerate(parent):
+        for flag in ("--num_processes", "--num-processes"):
+            value = parent[i + 1] if arg == flag and i + 1 < len(parent) else arg.removeprefix(flag + "=")
+            if (arg == flag or arg.startswith(flag + "=")) and value.isdigit():
+                return int(value)
+    return 1
+
+
+def launch_cpu_processes(n: int, argv: list[str]) -> int:
+    """Start the n CPU processes accelerate was asked for, with torch's own launcher (torchrun)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}  # share the cores
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
+        f"--master-addr={env['MASTER_ADDR']}", f"--master-port={env.get('MASTER_PORT', '29500')}",
+        "-m", "lmtune", *argv,
+    ]  # fmt: skip
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns known problems into one red line and exit code 1."""
+    n = cpu_processes_requested()
+    if n > 1:
+        sys.exit(launch_cpu_processes(n, sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="lmtune")
     except LmtuneError as err:

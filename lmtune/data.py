@@ -25,7 +25,9 @@ ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
 LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CACHE_VERSION = 1  # bump when the cached token format or the way documents are joined changes
 SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run compares on the same ones
-CHUNK = 1000  # documents per tokenizer call: big enough for the Rust tokenizer's threads, small enough to report progress
+CHUNK = (
+    1000  # documents per tokenizer call: big enough for the Rust tokenizer's threads, small enough to report progress
+)
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -52,21 +54,31 @@ class Corpus:
 
 
 def is_local(spec: str) -> bool:
-    return Path(spec).expanduser().exists() or Path(spec).suffix.lower() in LOCAL_TYPES or spec.startswith((".", "/", "~"))
+    return (
+        Path(spec).expanduser().exists() or Path(spec).suffix.lower() in LOCAL_TYPES or spec.startswith((".", "/", "~"))
+    )
 
 
 def local_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise LmtuneError(f"no such file: {spec}; pass a .txt, .jsonl, .json, .csv or .parquet file, a folder, or a hub dataset name")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_TYPES) if path.is_dir() else [path]
+        raise LmtuneError(
+            f"no such file: {spec}; pass a .txt, .jsonl, .json, .csv or .parquet file, a folder, or a hub dataset name"
+        )
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_TYPES)
+        if path.is_dir()
+        else [path]
+    )
     if not files:
         raise LmtuneError(f"folder {spec} holds no .txt, .jsonl, .json, .csv or .parquet files")
     kinds = {LOCAL_TYPES.get(p.suffix.lower()) for p in files}
     if None in kinds:
         raise LmtuneError(f"cannot read {spec}: lmtune reads .txt, .jsonl, .json, .csv and .parquet files")
     if len(kinds) > 1:
-        raise LmtuneError(f"folder {spec} mixes file types ({', '.join(sorted(k for k in kinds if k))}); keep one type per folder")
+        raise LmtuneError(
+            f"folder {spec} mixes file types ({', '.join(sorted(k for k in kinds if k))}); keep one type per folder"
+        )
     return files
 
 
@@ -126,7 +138,9 @@ def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(LOCAL_TYPES[files[0].suffix.lower()], data_files=[str(f) for f in files], split="train")
+        ds = datasets.load_dataset(
+            LOCAL_TYPES[files[0].suffix.lower()], data_files=[str(f) for f in files], split="train"
+        )
     except Exception as err:
         cause = err.__cause__ or err
         first = (str(cause).splitlines() or [type(cause).__name__])[0]
@@ -244,13 +258,17 @@ def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
     key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
     folder = home() / "tokens" / key
     if (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text())
+        stored = json.loads((folder / "meta.json").read_text())
         splits = {
-            name: Split(np.load(folder / f"{name}.npy", mmap_mode="r"), meta[name]["documents"], meta[name]["bytes"])
+            name: Split(
+                np.load(folder / f"{name}.npy", mmap_mode="r"), stored[name]["documents"], stored[name]["bytes"]
+            )
             for name in ("train", "validation")
         }
         log.info("tokenized data from cache %s", folder)
-        return Corpus(splits["train"], splits["validation"], meta["validation_source"], meta["empty_documents"], True)
+        return Corpus(
+            splits["train"], splits["validation"], stored["validation_source"], stored["empty_documents"], True
+        )
 
     corpus = build_corpus(cfg, tokenizer, report)
     # Written to a temporary folder and renamed, so a crash never leaves a cache entry half-written.

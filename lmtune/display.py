@@ -10,7 +10,15 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 
@@ -33,10 +41,22 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     rows = [
         ("model", f"{plan['model']} ({human(plan['parameters'])} parameters)"),
         ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)"),
-        ("training tokens", f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else "")),
-        ("blocks", f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"),
-        ("validation", f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} documents: {plan['validation']}"),
-        ("steps", f"{plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epoch(s); {plan['total_steps']:,} in total"),
+        (
+            "training tokens",
+            f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else ""),
+        ),
+        (
+            "blocks",
+            f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end",
+        ),
+        (
+            "validation",
+            f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} documents: {plan['validation']}",
+        ),
+        (
+            "steps",
+            f"{plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epoch(s); {plan['total_steps']:,} in total",
+        ),
         ("tokens per step", f"{plan['tokens_per_step']:,} ({plan['processes']} process(es))"),
         ("precision", plan["mixed_precision"]),
         ("output", plan["output"]),
@@ -100,7 +120,9 @@ class Display:
             self.print(plan_table(event, "Plan"))
         elif kind == "progress":
             if self.progress:
-                self.progress.update(self._task("training", event["total_steps"]), completed=event["step"], info=self.info)
+                self.progress.update(
+                    self._task("training", event["total_steps"]), completed=event["step"], info=self.info
+                )
         elif kind == "train":
             self.info = (
                 f"loss {event['loss']:.4f}  ppl {event['perplexity']:.2f}  lr {event['lr']:.2e}  "

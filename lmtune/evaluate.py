@@ -41,7 +41,12 @@ class Score:
         return self.loss / math.log(2) * self.stream_tokens / self.bytes
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"tokens": self.tokens, "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        return {
+            "tokens": self.tokens,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
 
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -130,7 +135,9 @@ def evaluate_models(
     from lmtune.model import context_length, resolve_block_size
 
     def run_of(name: str) -> Path | None:
-        return Path(name) if (Path(name) / "config.yaml").is_file() and (Path(name) / "summary.json").is_file() else None
+        return (
+            Path(name) if (Path(name) / "config.yaml").is_file() and (Path(name) / "summary.json").is_file() else None
+        )
 
     run = next((r for r in map(run_of, models) if r), None)
     if data_spec is None and run is None:

@@ -28,7 +28,7 @@ def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) ->
     """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
     if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
         raise LmtuneError(f"{model} is not a model folder (no config.json); pass a run folder or a model")
-    tok = load_tokenizer(model, trust_remote_code)
+    tok = load_tokenizer(model, trust_remote_code, what="model")
     net = from_pretrained(
         AutoModelForCausalLM, model, "model", dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
         trust_remote_code=trust_remote_code,
@@ -62,7 +62,9 @@ def generate(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if enc["input_ids"].shape[1] == 0:
         # An empty prompt: start from EOS, which is how the model saw every document begin.
-        enc = tokenizer([tokenizer.eos_token] * len(prompts), return_tensors="pt", add_special_tokens=False).to(model.device)
+        enc = tokenizer([tokenizer.eos_token] * len(prompts), return_tensors="pt", add_special_tokens=False).to(
+            model.device
+        )
     stream = _Stream(tokenizer, on_text) if on_text and len(prompts) == 1 and s.num_return_sequences == 1 else None
     out = model.generate(
         **enc,

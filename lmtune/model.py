@@ -48,11 +48,14 @@ def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """The tokenizer at `name`; `what` names it in errors ("model" when it comes with the model)."""
     folder = Path(name).expanduser()
-    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if folder.is_dir() and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         raise LmtuneError(f"{name} has no tokenizer files; pass --tokenizer with a tokenizer folder or hub id")
-    tok = from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+    tok = from_pretrained(AutoTokenizer, name, what, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise LmtuneError(f"tokenizer {name} has no EOS token, which lmtune joins documents with")
     if tok.pad_token is None:

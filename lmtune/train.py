@@ -70,8 +70,10 @@ def cpu_has_bf16() -> bool:
 
 def get_tokenizer(cfg: Config, report: Report) -> Any:
     """The given tokenizer, the model's own, or (from scratch with neither) one trained on the data, cached."""
-    if cfg.tokenizer or cfg.model:
-        return load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)  # type: ignore[arg-type]
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    if cfg.model:
+        return load_tokenizer(cfg.model, cfg.trust_remote_code, what="model")
     key_parts = [data.identity(cfg.data), cfg.text_column, cfg.txt_documents, cfg.vocab_size]
     key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
     folder = runs.home() / "tokenizers" / key
@@ -122,7 +124,9 @@ def absolute_paths(cfg: Config) -> Config:
 # --- the run -------------------------------------------------------------------------------------------
 
 
-def finetune(cfg: Config, *, dry_run: bool = False, overwrite: bool = False, report: Report = log_report) -> dict[str, Any]:
+def finetune(
+    cfg: Config, *, dry_run: bool = False, overwrite: bool = False, report: Report = log_report
+) -> dict[str, Any]:
     """Fine-tune (or train from scratch) as `cfg` says. Returns the summary, or the plan with dry_run."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
@@ -139,6 +143,9 @@ def finetune(cfg: Config, *, dry_run: bool = False, overwrite: bool = False, rep
 
     precision = resolve_precision(cfg.mixed_precision)
     accelerator = Accelerator(
+        # With no GPU, say so: accelerate then joins processes started by torchrun or MPI over gloo
+        # instead of letting each train alone.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # The data order depends only on the seed and the epoch.
@@ -276,7 +283,15 @@ def finetune(cfg: Config, *, dry_run: bool = False, overwrite: bool = False, rep
             if eval_every and step % eval_every == 0 and step < total_steps:
                 train_seconds += time.perf_counter() - tick
                 last = evaluate()
-                record({"event": "eval", "step": step, "tokens": tokens_seen, "eval_loss": last.loss, "eval_perplexity": last.perplexity})
+                record(
+                    {
+                        "event": "eval",
+                        "step": step,
+                        "tokens": tokens_seen,
+                        "eval_loss": last.loss,
+                        "eval_perplexity": last.perplexity,
+                    }
+                )
                 tick = time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 train_seconds += time.perf_counter() - tick
@@ -291,7 +306,15 @@ def finetune(cfg: Config, *, dry_run: bool = False, overwrite: bool = False, rep
     train_seconds += time.perf_counter() - tick
 
     final = evaluate()
-    record({"event": "eval", "step": step, "tokens": tokens_seen, "eval_loss": final.loss, "eval_perplexity": final.perplexity})
+    record(
+        {
+            "event": "eval",
+            "step": step,
+            "tokens": tokens_seen,
+            "eval_loss": final.loss,
+            "eval_perplexity": final.perplexity,
+        }
+    )
     accelerator.wait_for_everyone()
     summary = {
         **plan,

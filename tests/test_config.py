@@ -1,0 +1,94 @@
+"""The typed config: precedence, errors with suggestions, and every shipped recipe."""
+
+import pytest
+import yaml
+
+from lmtune import config
+from lmtune.errors import LmtuneError
+
+
+def test_precedence_defaults_then_recipe_then_flags_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1.0e-3\nbatch_size: 4\nepochs: 3\n")
+    cfg = config.build(str(recipe), {"batch_size": 2, "epochs": None}, ["epochs=5", "seed=7"])
+    assert cfg.lr == 1e-3  # recipe over default
+    assert cfg.batch_size == 2  # flag over recipe
+    assert cfg.epochs == 5  # override over recipe (an unset flag does not count)
+    assert cfg.seed == 7
+    assert cfg.weight_decay == config.Config().weight_decay  # untouched default
+
+
+def test_override_values_read_as_yaml():
+    cfg = config.build(None, {}, ["lr=2e-5", "from_scratch=true", "max_steps=null", "block-size=64"])
+    assert cfg.lr == 2e-5 and cfg.from_scratch is True and cfg.max_steps is None and cfg.block_size == 64
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lrr=1"], "unknown config key `lrr`; did you mean `lr`?"),
+        (["batchsize=2"], "did you mean `batch_size`?"),
+        (["nonsense"], "write it as key=value"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(LmtuneError, match=message.replace("?", r"\?").replace("`", "`")):
+        config.build(None, {}, overrides)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(LmtuneError) as err:
+        config.build(None, {}, ["lr=-1", "batch_size=0", "mixed_precision=fp8"])
+    msg = str(err.value)
+    assert "lr:" in msg and "batch_size:" in msg and "mixed_precision:" in msg
+
+
+def test_unknown_key_in_recipe_suggests(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1e-3\nbatchsize: 2\n")
+    with pytest.raises(LmtuneError, match="unknown config key `batchsize`; did you mean `batch_size`"):
+        config.build(str(recipe))
+
+
+def test_recipe_cannot_run_code(tmp_path):
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text("lr: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n")
+    with pytest.raises(LmtuneError, match="cannot read recipe"):
+        config.build(str(recipe))
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_shape_must_divide():
+    with pytest.raises(LmtuneError, match="multiple of n_head"):
+        config.build(None, {"n_embd": 30, "n_head": 4})
+
+
+def test_resolved_config_round_trips_as_a_recipe(tmp_path):
+    cfg = config.build(None, {"lr": 3e-4, "data": "x.txt", "output": "somewhere"})
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = config.build(str(path), {"output": "somewhere"})
+    assert again == cfg
+
+
+SHIPPED = config.list_recipes()
+
+
+def test_the_promised_recipes_ship():
+    assert {"gpt2-wikitext2", "scratch-wikitext2", "tiny-cpu", "tiny-scratch"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_recipe_loads_and_documents_itself(name):
+    path = SHIPPED[name]
+    text = path.read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("Run:" in line and "lmtune " in line for line in header), "header must give the command"
+    assert any("Expect:" in line for line in header), "header must say what to expect"
+    values = yaml.safe_load(text)
+    cfg = config.build(name)
+    # Only keys that differ from the defaults.
+    defaults = config.Config()
+    for key, value in values.items():
+        assert getattr(defaults, key) != value, f"{name}: {key} repeats the default"
+        assert getattr(cfg, key) == value

@@ -1,0 +1,126 @@
+"""Reading, splitting, tokenizing, caching and packing data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lmtune import data
+from lmtune.config import Config
+from lmtune.errors import LmtuneError
+from lmtune.model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+def cfg(**kw):
+    return Config(**kw)
+
+
+def test_packing_keeps_every_token_and_counts_the_rest():
+    ids = np.arange(103)
+    blocks, dropped = data.pack(ids, 10)
+    assert blocks.shape == (10, 10) and dropped == 3
+    assert np.array_equal(np.concatenate([blocks.ravel(), ids[len(ids) - dropped :]]), ids)
+
+
+def test_documents_joined_with_eos(tok):
+    docs = ["a cat", "the dog"]
+    tokens = data.tokenize(docs, tok, lambda e: None, "x")
+    stream = data.join(tokens, tok.eos_token_id, np.int32)
+    expected = tok("a cat")["input_ids"] + [tok.eos_token_id] + tok("the dog")["input_ids"] + [tok.eos_token_id]
+    assert stream.tolist() == expected
+    assert tok.decode(stream.tolist()) == "a cat<|endoftext|>the dog<|endoftext|>"
+
+
+def test_txt_paragraphs_split_at_blank_lines_even_with_spaces():
+    text = " = Title = \n \n First para line one\nline two\n\n\nSecond para \n"
+    assert data.split_txt(text, "paragraph") == [" = Title = ", " First para line one\nline two", "\nSecond para \n"]
+    assert len(data.split_txt(text, "line")) == 7
+    assert data.split_txt(text, "file") == [text]
+
+
+def test_tabular_files_and_text_column(tmp_path):
+    rows = [{"body": "first doc", "n": 1}, {"body": "second doc", "n": 2}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert data.read_documents(str(tmp_path / "d.jsonl"), cfg(text_column="body")) == {
+        "train": ["first doc", "second doc"]
+    }
+    with pytest.raises(LmtuneError, match="no column `text`; it has body, n"):
+        data.read_documents(str(tmp_path / "d.jsonl"), cfg())
+    with pytest.raises(LmtuneError, match="not text"):
+        data.read_documents(str(tmp_path / "d.jsonl"), cfg(text_column="n"))
+    (tmp_path / "d.csv").write_text("text,label\nhello there,1\ngeneral kenobi,0\n")
+    assert data.read_documents(str(tmp_path / "d.csv"), cfg())["train"] == ["hello there", "general kenobi"]
+
+
+def test_parquet_and_folders(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["one", "two"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"text": ["three"]}), folder / "b.parquet")
+    assert sorted(data.read_documents(str(folder), cfg())["train"]) == ["one", "three", "two"]
+    (folder / "c.txt").write_text("mixed")
+    with pytest.raises(LmtuneError, match="mixes file types"):
+        data.read_documents(str(folder), cfg())
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(LmtuneError, match=r"no such file: nope\.txt"):
+        data.read_documents("nope.txt", cfg())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LmtuneError, match=r"holds no \.txt"):
+        data.read_documents(str(tmp_path / "empty"), cfg())
+
+
+def test_held_out_split_is_deterministic_disjoint_and_complete(tok, tmp_path):
+    docs = [f"document number {i} about the cat" for i in range(40)]
+    (tmp_path / "d.txt").write_text("\n\n".join(docs))
+    c = cfg(data=str(tmp_path / "d.txt"), validation_percent=10)
+    a = data.build_corpus(c, tok, lambda e: None)
+    b = data.build_corpus(c, tok, lambda e: None)
+    assert np.array_equal(a.validation.ids, b.validation.ids) and np.array_equal(a.train.ids, b.train.ids)
+    assert (a.train.documents, a.validation.documents) == (36, 4)
+    # Every document lands in exactly one split: the streams together hold every token once.
+    total = sum(len(tok(d)["input_ids"]) + 1 for d in docs)
+    assert len(a.train.ids) + len(a.validation.ids) == total
+    assert a.train.bytes + a.validation.bytes == sum(len(d.encode()) for d in docs)
+
+
+def test_single_document_holds_out_its_tail(tok, tmp_path):
+    (tmp_path / "one.txt").write_text("the cat sat on the mat " * 50)
+    c = cfg(data=str(tmp_path / "one.txt"), txt_documents="file", validation_percent=10)
+    corpus = data.build_corpus(c, tok, lambda e: None)
+    assert 0 < len(corpus.validation.ids) < len(corpus.train.ids)
+    assert "last 10% of the tokens" in corpus.validation_source
+
+
+def test_cache_hit_and_invalidation(tok, tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("\n\n".join(f"doc {i} the dog ran" for i in range(30)))
+    c = cfg(data=str(path))
+    first = data.load_corpus(c, tok, lambda e: None)
+    events = []
+    second = data.load_corpus(c, tok, events.append)
+    assert not first.cached and second.cached and not events  # nothing tokenized the second time
+    assert np.array_equal(first.train.ids, second.train.ids)
+    path.write_text("\n\n".join(f"doc {i} the cat sat" for i in range(30)))
+    third = data.load_corpus(c, tok, lambda e: None)
+    assert not third.cached and not np.array_equal(third.train.ids, first.train.ids)
+    # A setting that changes the split is part of the key too.
+    assert not data.load_corpus(cfg(data=str(path), validation_percent=20), tok, lambda e: None).cached
+
+
+def test_empty_documents_are_counted_not_hidden(tok, tmp_path):
+    (tmp_path / "d.jsonl").write_text(
+        '{"text": "a dog"}\n{"text": ""}\n{"text": "  "}\n{"text": "a cat"}\n{"text": "the mat"}\n'
+    )
+    corpus = data.build_corpus(cfg(data=str(tmp_path / "d.jsonl"), validation_percent=30), tok, lambda e: None)
+    assert corpus.empty_documents == 2
+    assert corpus.train.documents + corpus.validation.documents == 3
