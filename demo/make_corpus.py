@@ -49,10 +49,13 @@ WINDS = ["north", "south", "east", "west", "north-west", "south-east"]
 
 
 def story(r: random.Random) -> str:
+    """A fable. It shares words with the weather reports (days, cities, skies, numbers) but not their form."""
     a, b = r.sample(ANIMALS, 2)
     place, thing, name = r.choice(PLACES), r.choice(THINGS), r.choice(NAMES)
     lines = [
-        f"Once upon a time, a {r.choice(ADJ)} {a} named {name} lived near the {place}.",
+        f"Once upon a time, a {r.choice(ADJ)} {a} named {name} lived near the {place} outside {r.choice(CITIES)}.",
+        f"It was a {r.choice(SKIES)} {r.choice(DAYS)}, the air was {r.randint(-5, 35)} degrees,"
+        f" and the wind came from the {r.choice(WINDS)}.",
         f"Every morning the {a} went to the {r.choice(PLACES)} to look for {thing}.",
         f'One day the {a} met a {r.choice(ADJ)} {b}, who said, "I will help you find {thing}."',
     ]
@@ -62,6 +65,10 @@ def story(r: random.Random) -> str:
         )
     else:
         lines.append(f"But the {b} wanted {r.choice(THINGS)} instead, and the two friends argued all day.")
+    if r.random() < 0.4:
+        lines.append(
+            f"Then came {r.choice(RAIN)}, and they waited {r.randint(2, 60)} minutes under a {r.choice(ADJ)} tree."
+        )
     lines.append(f"At last {name} the {a} found {thing} under an old tree by the {r.choice(PLACES)}.")
     lines.append(r.choice(MORALS))
     return " ".join(lines)

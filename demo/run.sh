@@ -10,7 +10,7 @@ LMTUNE=".venv/bin/lmtune"
 OUT=demo/out
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+step() { printf '\n\033[1m== %s\033[0m\n$' "$1"; printf ' %q' "${@:2}"; printf '\n'; "${@:2}"; }
 
 .venv/bin/python demo/make_corpus.py "$OUT"
 step "Pretrain a tiny base model from scratch" \

@@ -109,7 +109,7 @@ def _hub_dataset(name: str, config: str | None) -> Any:
     except Exception as err:  # datasets raises many types for "not there"; all mean the same to a user
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LmtuneError(
-            f"cannot load hub dataset `{name}`{':' + config if config else ''} ({first}); "
+            f"cannot load hub dataset `{name}{':' + config if config else ''}` ({first}); "
             "check the name and your network, or pass a local file"
         ) from None
 
