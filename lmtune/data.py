@@ -121,12 +121,16 @@ def hub_name(spec: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
-    """Documents by split name. Local files have one split, 'train'; hub datasets have theirs."""
-    if not is_local(spec):
-        ds = _hub_dataset(*hub_name(spec))
-        return {split: column_texts(ds[split], cfg.text_column, f"{spec} ({split})") for split in ds}
-    files = local_files(spec)
+def split_of(path: Path) -> str:
+    """The split a file in a data folder belongs to, by its name, as the datasets library does it."""
+    if re.search(r"(^|[-_.])(validation|valid|val|dev)([-_.]|$)", path.stem, re.IGNORECASE):
+        return "validation"
+    if re.search(r"(^|[-_.])test([-_.]|$)", path.stem, re.IGNORECASE):
+        return "test"
+    return "train"
+
+
+def read_files(files: list[Path], spec: str, cfg: Config) -> list[str]:
     if files[0].suffix.lower() == ".txt":
         docs: list[str] = []
         for f in files:
@@ -134,7 +138,7 @@ def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
                 docs += split_txt(f.read_text(encoding="utf-8"), cfg.txt_documents)
             except UnicodeDecodeError as err:
                 raise LmtuneError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-        return {"train": docs}
+        return docs
     import datasets
 
     try:
@@ -145,7 +149,28 @@ def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
         cause = err.__cause__ or err
         first = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise LmtuneError(f"cannot read {spec}: {first}") from None
-    return {"train": column_texts(ds, cfg.text_column, spec)}
+    return column_texts(ds, cfg.text_column, spec)
+
+
+def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
+    """Documents by split name. A file is one split, 'train'; a folder's files named like
+    validation/valid/val/dev or test form those splits; hub datasets have their own."""
+    if not is_local(spec):
+        ds = _hub_dataset(*hub_name(spec))
+        return {split: column_texts(ds[split], cfg.text_column, f"{spec} ({split})") for split in ds}
+    files = local_files(spec)
+    if len(files) == 1 and not Path(spec).expanduser().is_dir():
+        return {"train": read_files(files, spec, cfg)}
+    by_split: dict[str, list[Path]] = {}
+    for f in files:
+        by_split.setdefault(split_of(f), []).append(f)
+    return {split: read_files(group, spec, cfg) for split, group in sorted(by_split.items())}
+
+
+def train_split(splits: dict[str, list[str]], spec: str) -> list[str]:
+    if "train" not in splits:
+        raise LmtuneError(f"{spec} has only {' and '.join(splits)} data; training needs a `train` split or file")
+    return splits["train"]
 
 
 def identity(spec: str | None) -> Any:
@@ -193,8 +218,7 @@ def to_split(texts: Sequence[str], tokens: list[np.ndarray], eos: int, dtype: An
 def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
     assert cfg.data, "checked by the caller"
     splits = read_documents(cfg.data, cfg)
-    train_name = "train" if "train" in splits else next(iter(splits))
-    texts = splits[train_name]
+    texts = train_split(splits, cfg.data)
     if cfg.validation_data:
         val_texts, source = eval_documents(cfg.validation_data, cfg), cfg.validation_data
     elif "validation" in splits:

@@ -79,10 +79,11 @@ def get_tokenizer(cfg: Config, report: Report) -> Any:
     folder = runs.home() / "tokenizers" / key
     if not folder.is_dir():
         report({"event": "phase", "phase": "training a tokenizer"})
-        texts = data.read_documents(cfg.data, cfg)  # type: ignore[arg-type]
+        assert cfg.data, "checked by the caller"
+        texts = data.train_split(data.read_documents(cfg.data, cfg), cfg.data)
         # Trained on the training split; when validation is held out of it later, its documents were
         # seen by the tokenizer (only the vocabulary, never the model), as in most from-scratch recipes.
-        tok = train_tokenizer(texts.get("train") or next(iter(texts.values())), cfg.vocab_size)
+        tok = train_tokenizer(texts, cfg.vocab_size)
         tmp = folder.with_name(key + ".tmp")
         tok.save_pretrained(tmp)
         shutil.rmtree(folder, ignore_errors=True)

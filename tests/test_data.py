@@ -124,3 +124,54 @@ def test_empty_documents_are_counted_not_hidden(tok, tmp_path):
     corpus = data.build_corpus(cfg(data=str(tmp_path / "d.jsonl"), validation_percent=30), tok, lambda e: None)
     assert corpus.empty_documents == 2
     assert corpus.train.documents + corpus.validation.documents == 3
+
+
+def test_a_folder_with_split_named_files_keeps_its_splits(tok, tmp_path):
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    (folder / "train.txt").write_text("the cat sat\n\nthe dog ran\n\na bird sang")
+    (folder / "valid.txt").write_text("a red tree\n\nthe blue mat")
+    (folder / "test.txt").write_text("the small hill")
+    splits = data.read_documents(str(folder), cfg())
+    assert splits == {
+        "test": ["the small hill"],
+        "train": ["the cat sat", "the dog ran", "a bird sang"],
+        "validation": ["a red tree", "the blue mat"],
+    }
+    corpus = data.build_corpus(cfg(data=str(folder)), tok, lambda e: None)
+    assert corpus.train.documents == 3 and corpus.validation.documents == 2  # validation never trained on
+    assert "`validation` split" in corpus.validation_source
+    (folder / "train.txt").unlink()
+    with pytest.raises(LmtuneError, match="training needs a `train` split"):
+        data.build_corpus(cfg(data=str(folder)), tok, lambda e: None)
+    # Evaluating such a folder scores its validation split.
+    assert data.eval_documents(str(folder), cfg()) == ["a red tree", "the blue mat"]
+
+
+def test_hub_datasets_use_their_splits_and_columns(tok, monkeypatch):
+    """The hub path, with the download replaced by an in-memory DatasetDict (no network here)."""
+    import datasets
+
+    fake = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["the cat sat", "", "the dog ran"]}),
+            "validation": datasets.Dataset.from_dict({"text": ["a red tree"]}),
+            "test": datasets.Dataset.from_dict({"text": ["the small hill"]}),
+        }
+    )
+    asked = []
+    monkeypatch.setattr(data, "_hub_dataset", lambda name, config: asked.append((name, config)) or fake)
+    corpus = data.build_corpus(cfg(data="wikitext"), tok, lambda e: None)
+    assert asked[0] == ("Salesforce/wikitext", "wikitext-2-raw-v1")  # the alias
+    assert corpus.train.documents == 2 and corpus.empty_documents == 1
+    assert corpus.validation.documents == 1 and "`validation` split of wikitext" in corpus.validation_source
+    data.read_documents("someone/corpus:small", cfg())
+    assert asked[-1] == ("someone/corpus", "small")
+    with pytest.raises(LmtuneError, match="no column `body`"):
+        data.read_documents("someone/corpus", cfg(text_column="body"))
+
+
+def test_offline_hub_dataset_is_one_clear_error():
+    data._hub_dataset.cache_clear()
+    with pytest.raises(LmtuneError, match="cannot load hub dataset `nobody/nothing`"):
+        data.read_documents("nobody/nothing", cfg())
