@@ -67,6 +67,7 @@ def finetune(
     recipe: Annotated[
         str | None, typer.Option("--recipe", "-r", help="Recipe name (lmtune recipes list) or YAML file.")
     ] = None,
+    model: Annotated[str | None, opt("model", "-m", rich_help_panel=MODEL)] = None,
     from_scratch: Annotated[bool | None, opt("from_scratch", rich_help_panel=MODEL)] = None,
     tokenizer: Annotated[str | None, opt("tokenizer", rich_help_panel=MODEL)] = None,
     vocab_size: Annotated[int | None, opt("vocab_size", rich_help_panel=MODEL)] = None,
@@ -109,8 +110,9 @@ def finetune(
     flags = {k: v for k, v in locals().items() if k in config.Config.model_fields}
     models = [a for a in args or [] if "=" not in a]
     overrides = [a for a in args or [] if "=" in a]
-    if len(models) > 1:
-        raise LmtuneError(f"expected one MODEL, got {', '.join(models)}; overrides are written key=value")
+    if len(models) > 1 or (models and model and models[0] != model):
+        given = ", ".join([*models, *([model] if model else [])])
+        raise LmtuneError(f"expected one MODEL, got {given}; overrides are written key=value")
     if models:
         flags["model"] = models[0]
     cfg = config.build(recipe, flags, overrides)

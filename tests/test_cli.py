@@ -175,6 +175,7 @@ def test_recipes_list_show_copy(cli, tmp_path, monkeypatch):
         (["finetune", "{model}", "--data", "{train}", "--block-size", "4096"], "longer than the model's context of 64"),
         (["finetune", "{model}", "--data", "{short}"], "fewer than one block"),
         (["finetune", "{model}"], "no training data"),
+        (["finetune", "{model}", "other-model", "--data", "{train}"], "expected one MODEL"),
         (["finetune", "--data", "{train}"], "no model"),
         (["finetune", "{model}", "--data", "{train}", "--recipe", "nope"], "no recipe named `nope`"),
         (["generate", "hello"], "no run yet"),
@@ -228,6 +229,25 @@ def test_a_folder_of_jsonl_with_its_own_column(cli, tiny_model, tmp_path):
     )
     assert r.code == 0, r.err
     assert read_json(out / "summary.json")["documents"] == 114  # 120 documents, 5% held out
+
+
+def test_model_can_be_given_as_a_flag(cli, tiny_model, corpus, tmp_path):
+    out = tmp_path / "out"
+    r = cli(
+        "finetune",
+        "--model",
+        tiny_model,
+        "--data",
+        corpus / "train.txt",
+        "--output",
+        out,
+        "--max-steps",
+        "1",
+        "--block-size",
+        "32",
+    )
+    assert r.code == 0, r.err
+    assert read_json(out / "summary.json")["model"] == str(tiny_model)
 
 
 def test_validation_percent_is_used_without_validation_data(cli, tiny_model, tmp_path):
