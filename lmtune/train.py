@@ -210,13 +210,6 @@ def finetune(
         "data_from_cache": corpus.cached,
     }
 
-    def evaluate() -> Score:
-        return score(
-            accelerator.unwrap_model(model), corpus.validation, block, block, cfg.batch_size,
-            rank=accelerator.process_index, world=accelerator.num_processes,
-            autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), report=say,
-        )  # fmt: skip
-
     if dry_run:
         plan["estimated_seconds"] = estimate_seconds(model, loader, accelerator, cfg, total_steps)
         return plan
@@ -236,14 +229,22 @@ def finetune(
             metrics.flush()
         say(event)
 
-    base = evaluate()
-    record({"event": "eval", "step": 0, "tokens": 0, "eval_loss": base.loss, "eval_perplexity": base.perplexity})
+    def evaluate(step: int, tokens: int) -> Score:
+        """Score the validation data (windows split across processes) and record it. Step 0: before training."""
+        s = score(
+            accelerator.unwrap_model(model), corpus.validation, block, block, cfg.batch_size,
+            rank=accelerator.process_index, world=accelerator.num_processes,
+            autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), report=say,
+        )  # fmt: skip
+        record({"event": "eval", "step": step, "tokens": tokens, "eval_loss": s.loss, "eval_perplexity": s.perplexity})
+        return s
+
+    base = evaluate(0, 0)
 
     # --- the training loop ------------------------------------------------------------------------
     step, tokens_seen, train_seconds = 0, 0, 0.0
     loss_sum = torch.zeros((), device=accelerator.device)  # token-weighted, summed on device between logs
     loss_tokens = 0
-    last = base
     model.train()
     tick = time.perf_counter()
     for epoch in range(epochs):
@@ -257,6 +258,8 @@ def finetune(
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            # Every process gets batches of the same shape (accelerate's even_batches), so one
+            # process's counts times num_processes are the totals.
             n_labels = batch.shape[0] * (batch.shape[1] - 1)
             loss_sum += loss.detach() * n_labels
             loss_tokens += n_labels
@@ -283,16 +286,7 @@ def finetune(
             # evaluate and checkpoint (not counted as training time)
             if eval_every and step % eval_every == 0 and step < total_steps:
                 train_seconds += time.perf_counter() - tick
-                last = evaluate()
-                record(
-                    {
-                        "event": "eval",
-                        "step": step,
-                        "tokens": tokens_seen,
-                        "eval_loss": last.loss,
-                        "eval_perplexity": last.perplexity,
-                    }
-                )
+                evaluate(step, tokens_seen)
                 tick = time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 train_seconds += time.perf_counter() - tick
@@ -306,16 +300,7 @@ def finetune(
             break
     train_seconds += time.perf_counter() - tick
 
-    final = evaluate()
-    record(
-        {
-            "event": "eval",
-            "step": step,
-            "tokens": tokens_seen,
-            "eval_loss": final.loss,
-            "eval_perplexity": final.perplexity,
-        }
-    )
+    final = evaluate(step, tokens_seen)
     accelerator.wait_for_everyone()
     summary = {
         **plan,
