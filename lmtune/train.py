@@ -179,7 +179,8 @@ def finetune(
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
-    eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 5)
+    # Default: 4 evaluations during the run and the final one; ceil so the 5th never lands just before the end.
+    eval_every = cfg.eval_every if cfg.eval_every is not None else math.ceil(total_steps / 5)
     tokens_per_step = cfg.batch_size * block * cfg.gradient_accumulation_steps * accelerator.num_processes
     # Scheduled by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
     scheduler = get_scheduler(

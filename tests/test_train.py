@@ -1,5 +1,7 @@
 """Training pieces that have a rule worth pinning down."""
 
+import json
+
 import pytest
 import torch
 from conftest import read_json
@@ -86,3 +88,24 @@ def test_second_run_reads_tokens_from_cache(cli, tiny_model, corpus, tmp_path):
     assert cli(*args, "--output", tmp_path / "b").code == 0
     assert not read_json(tmp_path / "a" / "summary.json")["data_from_cache"]
     assert read_json(tmp_path / "b" / "summary.json")["data_from_cache"]
+
+
+def test_default_evaluations_are_spread_over_the_run(cli, tiny_model, corpus, tmp_path):
+    out = tmp_path / "spread"
+    r = cli(
+        "finetune",
+        tiny_model,
+        "--data",
+        corpus / "train.txt",
+        "--output",
+        out,
+        "--max-steps",
+        "11",
+        "--block-size",
+        "32",
+    )
+    assert r.code == 0, r.err
+    steps = [
+        e["step"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"
+    ]
+    assert steps == [0, 3, 6, 9, 11]  # base, every ceil(11 / 5) = 3 steps, final
