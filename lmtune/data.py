@@ -217,6 +217,7 @@ def to_split(texts: Sequence[str], tokens: list[np.ndarray], eos: int, dtype: An
 
 def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
     assert cfg.data, "checked by the caller"
+    report({"event": "phase", "phase": f"reading {cfg.data}"})
     splits = read_documents(cfg.data, cfg)
     texts = train_split(splits, cfg.data)
     if cfg.validation_data:
@@ -311,6 +312,7 @@ def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
 
 def eval_split(spec: str, cfg: Config, tokenizer: Any, report: Report) -> Split:
     """Any data as one evaluation stream, tokenized with `tokenizer` (not cached: eval reads it once)."""
+    report({"event": "phase", "phase": f"reading {spec}"})
     texts = [t for t in eval_documents(spec, cfg) if t.strip()]
     if not texts:
         raise LmtuneError(f"{spec} holds no text (0 non-empty documents)")
