@@ -1,0 +1,56 @@
+"""The display turns events into a live view on a terminal and into plain lines elsewhere."""
+
+import io
+
+from rich.console import Console
+
+from lmtune.display import Display
+
+PLAN = {
+    "model": "m", "parameters": 1000, "documents": 10, "empty_documents": 0, "train_tokens_available": 500,
+    "data_from_cache": False, "blocks": 3, "block_size": 128, "tokens_dropped": 116, "validation_tokens": 50,
+    "validation_documents": 1, "validation": "held out", "steps_per_epoch": 3, "epochs": 1, "total_steps": 3,
+    "tokens_per_step": 128, "processes": 1, "mixed_precision": "no", "output": "runs/x",
+}  # fmt: skip
+EVENTS = [
+    {"event": "phase", "phase": "tokenizing training data", "done": 5, "total": 10},
+    {"event": "phase", "phase": "tokenizing training data", "done": 10, "total": 10},
+    {"event": "phase", "phase": "loading model"},
+    {"event": "plan", **PLAN},
+    {"event": "phase", "phase": "evaluating", "done": 1, "total": 1},
+    {"event": "eval", "step": 0, "tokens": 0, "eval_loss": 2.0, "eval_perplexity": 7.389},
+    {"event": "progress", "step": 1, "total_steps": 3},
+    {"event": "train", "step": 1, "epoch": 0, "tokens": 128, "loss": 1.5, "perplexity": 4.48, "lr": 1e-4, "tokens_per_second": 2500.0, "elapsed": 0.05},
+    {"event": "progress", "step": 3, "total_steps": 3},
+]  # fmt: skip
+
+
+def run(terminal: bool) -> str:
+    out = io.StringIO()
+    with Display(Console(file=out, force_terminal=terminal, width=120)) as display:
+        for event in EVENTS:
+            display(event)
+    return out.getvalue()
+
+
+def test_live_display_shows_phases_and_training_figures():
+    text = run(terminal=True)
+    for piece in (
+        "tokenizing training data",
+        "loading model",
+        "training",
+        "3/3",
+        "loss 1.5000",
+        "ppl 4.48",
+        "2.5k tok/s",
+        "eval",
+    ):
+        assert piece in text, piece
+
+
+def test_plain_output_is_log_lines():
+    lines = run(terminal=False).splitlines()
+    assert "tokenizing training data (10) ..." in lines
+    assert "step 1  loss 1.5000  ppl 4.48  lr 1.00e-04  2.5k tok/s" in lines
+    assert "eval step 0: loss 2.0000  perplexity 7.39" in lines
+    assert not any("\x1b[" in line for line in lines)  # no terminal control codes in a log file
