@@ -43,7 +43,7 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
     logging.getLogger("lmtune").setLevel(logging.INFO)
 
 
