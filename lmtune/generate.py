@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from lmtune.errors import LmtuneError
 from lmtune.model import from_pretrained, load_tokenizer
 
 
@@ -26,8 +24,6 @@ class Sampling:
 
 def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
-    if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
-        raise LmtuneError(f"{model} is not a model folder (no config.json); pass a run folder or a model")
     tok = load_tokenizer(model, trust_remote_code, what="model")
     net = from_pretrained(
         AutoModelForCausalLM, model, "model", dtype=getattr(torch, dtype) if dtype != "auto" else "auto",

@@ -51,6 +51,10 @@ def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
 def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "tokenizer") -> PreTrainedTokenizerBase:
     """The tokenizer at `name`; `what` names it in errors ("model" when it comes with the model)."""
     folder = Path(name).expanduser()
+    if what == "model" and folder.is_dir() and not (folder / "config.json").is_file():
+        raise LmtuneError(
+            f"{name} is not a model folder (no config.json); pass a run folder, a save_pretrained folder or a hub id"
+        )
     if folder.is_dir() and not any(
         (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
@@ -110,7 +114,9 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Modu
     """The model to train: pretrained weights from --model, or new random ones with --from-scratch."""
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.from_scratch:
-        model = AutoModelForCausalLM.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
+        # "auto" follows a checkpoint's dtype; a new model has none, so it starts in float32.
+        new_dtype = torch.float32 if dtype == "auto" else dtype
+        model = AutoModelForCausalLM.from_config(new_model_config(cfg, tokenizer), dtype=new_dtype)
     else:
         assert cfg.model, "checked by the caller"
         model = from_pretrained(
