@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lmtune import config
@@ -40,7 +41,7 @@ def quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors reach the user as lmtune's one line
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     except LmtuneError as err:
         if os.environ.get("LMTUNE_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         first = (str(err).splitlines() or [""])[0]
         err_console.print(
-            f"[bold red]error:[/] {type(err).__name__}: {first} (LMTUNE_DEBUG=1 shows the traceback)",
+            f"[bold red]error:[/] {type(err).__name__}: {escape(first)} (LMTUNE_DEBUG=1 shows the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -148,8 +148,25 @@ def read_files(files: list[Path], spec: str, cfg: Config) -> list[str]:
     except Exception as err:
         cause = err.__cause__ or err
         first = (str(cause).splitlines() or [type(cause).__name__])[0]
-        raise LmtuneError(f"cannot read {spec}: {first}") from None
+        raise LmtuneError(f"cannot read {spec}: {bad_jsonl_line(files) or first}") from None
     return column_texts(ds, cfg.text_column, spec)
+
+
+def bad_jsonl_line(files: list[Path]) -> str | None:
+    """'FILE line N: ...' for the first line of JSON Lines that is not a JSON object (arrow counts rows from 0)."""
+    for f in files:
+        if f.suffix.lower() != ".jsonl":
+            continue
+        with f.open(encoding="utf-8", errors="replace") as lines:
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        return f"{f} line {n}: expected a JSON object"
+                except json.JSONDecodeError as err:
+                    return f"{f} line {n}: {err.msg}"
+    return None
 
 
 def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:

@@ -273,3 +273,8 @@ def test_validation_percent_is_used_without_validation_data(cli, tiny_model, tmp
     assert r.code == 0, r.err
     summary = read_json(out / "summary.json")
     assert summary["validation_documents"] == 10 and "10% of the documents" in summary["validation"]
+
+
+def test_error_text_is_printed_literally(cli, tiny_model):
+    r = cli("finetune", tiny_model, "--data", "data[bold]x.txt")
+    assert r.code == 1 and "no such file: data[bold]x.txt" in r.err

@@ -175,3 +175,10 @@ def test_offline_hub_dataset_is_one_clear_error():
     data._hub_dataset.cache_clear()
     with pytest.raises(LmtuneError, match="cannot load hub dataset `nobody/nothing`"):
         data.read_documents("nobody/nothing", cfg())
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken}\n')
+    with pytest.raises(LmtuneError, match=r"d\.jsonl line 4: Expecting value"):
+        data.read_documents(str(path), cfg())
