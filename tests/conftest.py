@@ -139,6 +139,29 @@ def cli(capsys):
 
 
 @pytest.fixture
+def quick(cli, tiny_model, corpus, tmp_path):
+    """Fine-tune the tiny model briefly (blocks of 32 tokens) with extra flags; returns the run folder."""
+
+    def run(*extra, data: Path | None = None, name: str = "run") -> Path:
+        out = tmp_path / name
+        r = cli(
+            "finetune",
+            tiny_model,
+            "--data",
+            data or corpus / "train.txt",
+            "--output",
+            out,
+            "--block-size",
+            "32",
+            *extra,
+        )
+        assert r.code == 0, r.err
+        return out
+
+    return run
+
+
+@pytest.fixture
 def finetuned(cli, tiny_model, corpus, tmp_path) -> Path:
     """A short fine-tuning run of the tiny model, in fp32 so its numbers are exact."""
     out = tmp_path / "run"

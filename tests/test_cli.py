@@ -209,29 +209,14 @@ def test_output_inside_the_model_folder_is_refused(cli, tiny_model, corpus):
     assert r.code == 1 and "inside the model folder" in r.err
 
 
-def test_a_folder_of_jsonl_with_its_own_column(cli, tiny_model, tmp_path):
+def test_a_folder_of_jsonl_with_its_own_column(quick, tmp_path):
     folder = tmp_path / "jsonl"
     folder.mkdir()
     for i in range(3):
         rows = [{"content": f"the cat {i} sat on the mat number {j} in the warm sun"} for j in range(40)]
         (folder / f"part{i}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    out = tmp_path / "out"
-    r = cli(
-        "finetune",
-        tiny_model,
-        "--data",
-        folder,
-        "--text-column",
-        "content",
-        "--output",
-        out,
-        "--max-steps",
-        "2",
-        "--block-size",
-        "32",
-    )
-    assert r.code == 0, r.err
-    assert read_json(out / "summary.json")["documents"] == 114  # 120 documents, 5% held out
+    run = quick("--text-column", "content", "--max-steps", "2", data=folder)
+    assert read_json(run / "summary.json")["documents"] == 114  # 120 documents, 5% held out
 
 
 def test_model_can_be_given_as_a_flag(cli, tiny_model, corpus, tmp_path):
@@ -253,25 +238,9 @@ def test_model_can_be_given_as_a_flag(cli, tiny_model, corpus, tmp_path):
     assert read_json(out / "summary.json")["model"] == str(tiny_model)
 
 
-def test_validation_percent_is_used_without_validation_data(cli, tiny_model, tmp_path):
+def test_validation_percent_is_used_without_validation_data(quick, tmp_path):
     data = write_paragraphs(tmp_path / "d.txt", 100, seed=5)
-    out = tmp_path / "out"
-    r = cli(
-        "finetune",
-        tiny_model,
-        "--data",
-        data,
-        "--validation-percent",
-        "10",
-        "--output",
-        out,
-        "--max-steps",
-        "1",
-        "--block-size",
-        "32",
-    )
-    assert r.code == 0, r.err
-    summary = read_json(out / "summary.json")
+    summary = read_json(quick("--validation-percent", "10", "--max-steps", "1", data=data) / "summary.json")
     assert summary["validation_documents"] == 10 and "10% of the documents" in summary["validation"]
 
 

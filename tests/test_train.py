@@ -34,78 +34,26 @@ def test_weight_decay_skips_biases_and_norms(tiny_model):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_bf16_autocast_on_cpu_trains(cli, tiny_model, corpus, tmp_path):
-    out = tmp_path / "bf16"
-    r = cli(
-        "finetune",
-        tiny_model,
-        "--data",
-        corpus / "train.txt",
-        "--output",
-        out,
-        "--mixed-precision",
-        "bf16",
-        "--max-steps",
-        "3",
-        "--block-size",
-        "32",
-        "--lr",
-        "1e-3",
-    )
-    assert r.code == 0, r.err
-    summary = read_json(out / "summary.json")
+def test_bf16_autocast_on_cpu_trains(quick):
+    summary = read_json(quick("--mixed-precision", "bf16", "--max-steps", "3", "--lr", "1e-3") / "summary.json")
     assert summary["mixed_precision"] == "bf16"
     assert summary["eval_loss"] < summary["base_eval_loss"]
 
 
-def test_gradient_accumulation_counts_tokens_per_optimizer_step(cli, tiny_model, corpus, tmp_path):
-    out = tmp_path / "accum"
-    r = cli(
-        "finetune",
-        tiny_model,
-        "--data",
-        corpus / "train.txt",
-        "--output",
-        out,
-        "--gradient-accumulation-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "2",
-        "--block-size",
-        "32",
-    )
-    assert r.code == 0, r.err
-    summary = read_json(out / "summary.json")
+def test_gradient_accumulation_counts_tokens_per_optimizer_step(quick):
+    run = quick("--gradient-accumulation-steps", "3", "--batch-size", "2", "--max-steps", "2")
+    summary = read_json(run / "summary.json")
     assert summary["tokens_per_step"] == 3 * 2 * 32
     assert summary["train_tokens"] == 2 * 3 * 2 * 32
 
 
-def test_second_run_reads_tokens_from_cache(cli, tiny_model, corpus, tmp_path):
-    args = ["finetune", tiny_model, "--data", corpus / "train.txt", "--max-steps", "1", "--block-size", "32"]
-    assert cli(*args, "--output", tmp_path / "a").code == 0
-    assert cli(*args, "--output", tmp_path / "b").code == 0
-    assert not read_json(tmp_path / "a" / "summary.json")["data_from_cache"]
-    assert read_json(tmp_path / "b" / "summary.json")["data_from_cache"]
+def test_second_run_reads_tokens_from_cache(quick):
+    first, second = quick("--max-steps", "1", name="a"), quick("--max-steps", "1", name="b")
+    assert not read_json(first / "summary.json")["data_from_cache"]
+    assert read_json(second / "summary.json")["data_from_cache"]
 
 
-def test_default_evaluations_are_spread_over_the_run(cli, tiny_model, corpus, tmp_path):
-    out = tmp_path / "spread"
-    r = cli(
-        "finetune",
-        tiny_model,
-        "--data",
-        corpus / "train.txt",
-        "--output",
-        out,
-        "--max-steps",
-        "11",
-        "--block-size",
-        "32",
-    )
-    assert r.code == 0, r.err
-    steps = [
-        e["step"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"
-    ]
+def test_default_evaluations_are_spread_over_the_run(quick):
+    events = map(json.loads, (quick("--max-steps", "11") / "metrics.jsonl").read_text().splitlines())
+    steps = [e["step"] for e in events if e["event"] == "eval"]
     assert steps == [0, 3, 6, 9, 11]  # base, every ceil(11 / 5) = 3 steps, final
