@@ -6,6 +6,7 @@ The same function scores validation during training and in `lmtune eval`, so the
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,8 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
+from lmtune import data
+from lmtune.config import Config, validate
 from lmtune.data import Report, Split
+from lmtune.errors import LmtuneError
+from lmtune.generate import load
+from lmtune.model import context_length, resolve_block_size
 
 
 @dataclass
@@ -128,11 +135,6 @@ def evaluate_models(
     report: Report = lambda e: None,
 ) -> list[dict[str, Any]]:
     """Score each model on the same data: --data, else the validation data of the first run folder given."""
-    from lmtune import data
-    from lmtune.config import Config, validate
-    from lmtune.errors import LmtuneError
-    from lmtune.generate import load
-    from lmtune.model import context_length, resolve_block_size
 
     def run_of(name: str) -> Path | None:
         return (
@@ -142,20 +144,27 @@ def evaluate_models(
     run = next((r for r in map(run_of, models) if r), None)
     if data_spec is None and run is None:
         raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")
-    run_cfg = validate(yaml_load(run / "config.yaml"), source=str(run / "config.yaml")) if run else None
+    run_cfg = (
+        validate(yaml.safe_load((run / "config.yaml").read_text()) or {}, source=str(run / "config.yaml"))
+        if run
+        else None
+    )
+    streams: dict[str, Split] = {}  # --data tokenized once per tokenizer: a run and its base share one
     results = []
     for name in models:
         report({"event": "phase", "phase": f"loading {name}"})
         net, tok = load(name)
         own_run = run_of(name)
-        context = block_size or (json_load(own_run / "summary.json")["block_size"] if own_run else None)
+        context = block_size or (json.loads((own_run / "summary.json").read_text())["block_size"] if own_run else None)
         context = resolve_block_size(context, net)
         step = stride or context
         if step > context:
             raise LmtuneError(f"--stride {step} is longer than the context of {context}; use at most {context}")
         if data_spec:
-            split = data.eval_split(data_spec, Config(text_column=text_column), tok, report)
-            where = data_spec
+            key = data.tokenizer_fingerprint(tok)
+            if key not in streams:
+                streams[key] = data.eval_split(data_spec, Config(text_column=text_column), tok, report)
+            split, where = streams[key], data_spec
         else:
             assert run and run_cfg
             split = data.load_corpus(run_cfg, tok, report).validation
@@ -169,15 +178,3 @@ def evaluate_models(
             "model_context": context_length(net), "perplexity_kind": describe(tok, context, step),
         })  # fmt: skip
     return results
-
-
-def yaml_load(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def json_load(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text())
