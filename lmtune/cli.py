@@ -340,9 +340,10 @@ def cpu_processes_requested() -> int:
     except OSError:
         return 1
     for i, arg in enumerate(parent):
-        for flag in ("--num_processes", "--num-processes"):
-            value = parent[i + 1] if arg == flag and i + 1 < len(parent) else arg.removeprefix(flag + "=")
-            if (arg == flag or arg.startswith(flag + "=")) and value.isdigit():
+        name, _, value = arg.partition("=")  # --num_processes 2 or --num_processes=2
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (parent[i + 1] if i + 1 < len(parent) else "")
+            if value.isdigit():
                 return int(value)
     return 1
 

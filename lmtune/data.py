@@ -25,9 +25,8 @@ ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
 LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CACHE_VERSION = 1  # bump when the cached token format or the way documents are joined changes
 SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run compares on the same ones
-CHUNK = (
-    1000  # documents per tokenizer call: big enough for the Rust tokenizer's threads, small enough to report progress
-)
+# Documents per tokenizer call: big enough for the Rust tokenizer's threads, small enough to report progress.
+CHUNK = 1000
 
 Report = Callable[[dict[str, Any]], None]
 
