@@ -46,6 +46,8 @@ class Config(BaseModel):
     """Dtype the weights are loaded in; float32 keeps exact master weights under mixed precision."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust its author."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """Dropout probability while training. Default: the model's own (GPT-2: 0.1). 0 trains about 1.5x faster on CPU."""
 
     # --- data ---
     data: str | None = None
@@ -90,6 +92,8 @@ class Config(BaseModel):
     """Save a checkpoint every N optimizer steps; 0 saves only the final model."""
     log_every: int = Field(10, gt=0)
     """Log training loss every N optimizer steps."""
+    compile: bool = False
+    """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 
     # --- output ---
     output: str | None = None

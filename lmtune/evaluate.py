@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lmtune import data
+from lmtune import data, loss
 from lmtune.config import Config, validate
 from lmtune.data import Report, Split
 from lmtune.errors import LmtuneError
@@ -78,7 +78,7 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def score(
-    model: torch.nn.Module,
+    model: Any,
     split: Split,
     context: int,
     stride: int,
@@ -96,6 +96,8 @@ def score(
     mine = windows(len(ids), context, stride)[rank::world]
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
+    chunked = loss.supported(model)
+    head = model.get_output_embeddings()
     was_training = model.training
     model.eval()
     for b in range(0, len(mine), batch_size):
@@ -106,12 +108,15 @@ def score(
             inputs[row, : end - start] = ids[start:end]
             labels[row, first - start : end - start] = ids[first:end]
         inputs, labels = inputs.to(device), labels.to(device)
+        targets = labels[:, 1:].flatten()  # position t predicts token t+1
         with autocast():
-            logits = model(input_ids=inputs).logits  # (B, T, V); causal, so right padding changes nothing
-        # Position t predicts token t+1. Upcast: a bf16 log-softmax over 50k tokens loses digits.
-        nll += F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-        ).double()
+            if chunked:  # causal, so right padding changes nothing before it
+                hidden = loss.last_hidden(model, inputs)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
+                nll += loss.linear_cross_entropy(hidden, head.weight, targets).double()
+            else:
+                logits = model(input_ids=inputs).logits[:, :-1].flatten(0, 1)  # (B*(T-1), V)
+                # Upcast: a bf16 log-softmax over 50k tokens loses digits.
+                nll += F.cross_entropy(logits.float(), targets, ignore_index=loss.IGNORE, reduction="sum").double()
         count += (labels[:, 1:] != -100).sum()
         report({"event": "phase", "phase": "evaluating", "done": min(b + batch_size, len(mine)), "total": len(mine)})
     model.train(was_training)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, TextStreamer
+from transformers import TextStreamer
 
-from lmtune.model import from_pretrained, load_tokenizer
+from lmtune.model import load_pretrained, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,7 @@ class Sampling:
 def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
     tok = load_tokenizer(model, trust_remote_code, what="model")
-    net = from_pretrained(
-        AutoModelForCausalLM, model, "model", dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
-        trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+    net = load_pretrained(model, getattr(torch, dtype) if dtype != "auto" else "auto", trust_remote_code)
     net.eval()
     return net, tok
 

@@ -110,18 +110,55 @@ def new_model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
     return base
 
 
-def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+# GPT-2's "gelu_new" is the tanh GELU written as five Python tensor ops; torch's one kernel computes the
+# same function to float rounding, 10% faster per training step on CPU (bench/). The saved config keeps
+# the original name, so a saved model is what it was.
+FAST_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+# Config attributes that hold dropout probabilities, across the model families lmtune meets.
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
+
+
+def build(config: Any, make: Any, dropout: float | None = None) -> Any:
+    """`make(config)` with fast activations and, if given, every dropout probability set to `dropout`."""
+    activation = getattr(config, "activation_function", None)
+    if activation in FAST_ACTIVATIONS:
+        config.activation_function = FAST_ACTIVATIONS[activation]
+    if dropout is not None:
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, dropout)
+    model = make(config)
+    if activation in FAST_ACTIVATIONS:
+        model.config.activation_function = activation
+    return model
+
+
+def load_pretrained(name: str, dtype: Any, trust_remote_code: bool, dropout: float | None = None) -> Any:
+    """A pretrained causal LM from the hub or a folder, with the speed-ups of `build`."""
+    config = from_pretrained(AutoConfig, name, "model config", trust_remote_code=trust_remote_code)
+    return build(
+        config,
+        lambda c: from_pretrained(
+            AutoModelForCausalLM, name, "model", config=c, dtype=dtype, trust_remote_code=trust_remote_code
+        ),
+        dropout,
+    )
+
+
+def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
     """The model to train: pretrained weights from --model, or new random ones with --from-scratch."""
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.from_scratch:
         # "auto" follows a checkpoint's dtype; a new model has none, so it starts in float32.
         new_dtype = torch.float32 if dtype == "auto" else dtype
-        model = AutoModelForCausalLM.from_config(new_model_config(cfg, tokenizer), dtype=new_dtype)
+        model = build(
+            new_model_config(cfg, tokenizer),
+            lambda c: AutoModelForCausalLM.from_config(c, dtype=new_dtype),
+            cfg.dropout,
+        )
     else:
         assert cfg.model, "checked by the caller"
-        model = from_pretrained(
-            AutoModelForCausalLM, cfg.model, "model", dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        model = load_pretrained(cfg.model, dtype, cfg.trust_remote_code, cfg.dropout)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise LmtuneError(
                 f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings}"

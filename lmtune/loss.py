@@ -1,0 +1,87 @@
+"""Next-token cross-entropy computed from the last hidden states a chunk of rows at a time.
+
+The usual path builds all (tokens, vocab) logits, upcasts them, takes a log-softmax and keeps it for
+backward: several copies of the largest tensor in the step (8 x 1024 tokens x 50k vocabulary x 4
+bytes = 1.6 GB each). Here the logits of CHUNK rows exist at once, and the gradients are computed in the
+same pass, so backward only scales them. Same sums, same float32 softmax; only the summation order differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CHUNK = 1024  # rows of logits in memory at once: 1024 x 50k vocabulary x 4 bytes = 200 MB
+IGNORE = -100  # target value of positions that are not scored (transformers' convention)
+
+# Model types whose logits are exactly lm_head(last hidden state): no bias, soft-capping or scaling.
+# Others take transformers' own loss.
+LINEAR_HEAD_MODELS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+
+
+def supported(model: Any) -> bool:
+    """True if the chunked loss computes exactly what `model(labels=...)` would for this model."""
+    head = model.get_output_embeddings()
+    return (
+        model.config.model_type in LINEAR_HEAD_MODELS
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and getattr(model.config, "final_logit_softcapping", None) is None
+    )
+
+
+def last_hidden(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, E) final hidden states (after the last norm), going through model.forward so that DDP's
+    gradient hooks see the call; logits_to_keep=1 makes the model's own head compute one position only."""
+    return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed NLL of softmax(hidden @ weight.T) at `targets`, with its gradients made in the forward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # hidden (N, E), weight (V, E), targets (N,) with IGNORE where not scored
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(hidden), CHUNK):
+            h, t = hidden[i : i + CHUNK], targets[i : i + CHUNK]
+            nll, logits, lse, keep = _chunk(h, weight, t)
+            total += nll
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed again
+            # d(sum NLL)/d(logits) = softmax - one_hot(target), zero on rows not scored
+            probs[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
+            probs *= keep[:, None]
+            grad_hidden[i : i + CHUNK] = probs.to(weight.dtype) @ weight  # (C, E)
+            grad_weight += probs.T.to(h.dtype) @ h  # (V, E), accumulated in float32
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad, grad_weight * grad, None
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Summed NLL of one chunk, its float32 logits (C, V), their log-sum-exp and which rows are scored."""
+    # Upcast before the softmax: a bf16 log-softmax over a large vocabulary loses digits.
+    logits = (h @ weight.T).float()  # (C, V)
+    keep = t != IGNORE
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+    nll = ((lse - target_logit) * keep).sum()
+    return nll, logits, lse, keep
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (nats) of logits hidden @ weight.T at targets; differentiable in hidden and weight."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        result: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, targets)
+        return result
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for i in range(0, len(hidden), CHUNK):
+        total += _chunk(hidden[i : i + CHUNK], weight, targets[i : i + CHUNK])[0]
+    return total
