@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo clean
+.PHONY: install test check format lint typecheck demo bench clean
 
 install: $(VENV)/.installed
 
@@ -22,22 +22,26 @@ test: install
 	$(BIN)/pytest -q
 
 format: install
-	$(BIN)/ruff format lmtune tests demo
+	$(BIN)/ruff format lmtune tests demo bench
 
 lint: install
-	$(BIN)/ruff check lmtune tests demo
+	$(BIN)/ruff check lmtune tests demo bench
 
 typecheck: install
 	$(BIN)/mypy lmtune
 
 check: install
-	$(BIN)/ruff format --check lmtune tests demo
-	$(BIN)/ruff check lmtune tests demo
+	$(BIN)/ruff format --check lmtune tests demo bench
+	$(BIN)/ruff check lmtune tests demo bench
 	$(BIN)/mypy lmtune
 	$(BIN)/pytest -q
 
 demo: install
 	bash demo/run.sh
 
+# lmtune against the Hugging Face Trainer and a bare loop; needs ../shared/data. About 8 minutes on 2 cores.
+bench: install
+	$(PY) bench/run.py
+
 clean:
-	rm -rf $(VENV) demo/out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo/out bench/out .pytest_cache .mypy_cache .ruff_cache
