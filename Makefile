@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench clean
+.PHONY: install test check format lint typecheck demo bench torture clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: install
 # lmtune against the Hugging Face Trainer and a bare loop; needs ../shared/data. About 8 minutes on 2 cores.
 bench: install
 	$(PY) bench/run.py
+
+# kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 3 minutes.
+torture: install
+	$(PY) tests/torture.py --points 10
 
 clean:
 	rm -rf $(VENV) demo/out bench/out .pytest_cache .mypy_cache .ruff_cache

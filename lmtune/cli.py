@@ -100,10 +100,17 @@ def finetune(
     seed: Annotated[int | None, opt("seed", rich_help_panel=TRAIN)] = None,
     eval_every: Annotated[int | None, opt("eval_every", rich_help_panel=TRAIN)] = None,
     save_every: Annotated[int | None, opt("save_every", rich_help_panel=TRAIN)] = None,
+    keep_checkpoints: Annotated[int | None, opt("keep_checkpoints", rich_help_panel=TRAIN)] = None,
     log_every: Annotated[int | None, opt("log_every", rich_help_panel=TRAIN)] = None,
     compile: Annotated[bool | None, opt("compile", rich_help_panel=TRAIN)] = None,
     output: Annotated[str | None, opt("output", "-o")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the unfinished run at --output from its newest complete checkpoint.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="With --resume: continue even if settings that change the model or data order differ.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="Prepare everything and print the plan, without training.")] = False,
 ) -> None:
     """Fine-tune MODEL on --data (or train a new model with --from-scratch) and save a run folder.
@@ -126,10 +133,10 @@ def finetune(
 
     # Under `accelerate launch` every process runs this; only the first (RANK 0) talks to the terminal.
     if os.environ.get("RANK", "0") != "0":
-        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, report=lambda e: None)
+        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=lambda e: None)
         return
     with Display(console) as display:
-        result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, report=display)
+        result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=display)
     if dry_run:
         console.print(plan_table(result, "Dry run: nothing was trained or written"))
         return
@@ -374,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LMTUNE_DEBUG"):
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)

@@ -88,8 +88,10 @@ class Config(BaseModel):
     """Seeds weights of new models, data order and dropout."""
     eval_every: int | None = Field(None, ge=0)
     """Evaluate every N optimizer steps; 0 only at the end. Default: five times per run."""
-    save_every: int = Field(0, ge=0)
-    """Save a checkpoint every N optimizer steps; 0 saves only the final model."""
+    save_every: int | None = Field(None, ge=0)
+    """Save a resumable checkpoint every N optimizer steps; 0 never. Default: with each evaluation."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """How many of the newest checkpoints to keep; older ones are deleted once a newer one is complete."""
     log_every: int = Field(10, gt=0)
     """Log training loss every N optimizer steps."""
     compile: bool = False
@@ -189,6 +191,12 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         # safe_load builds plain data only: a `!!python/object` tag is refused, never run.
         values = yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as err:
+        tag = getattr(err, "problem", "") or str(err).splitlines()[0]
+        raise LmtuneError(
+            f"recipe {path} could not be read safely ({tag}); recipes hold plain keys and values, "
+            "and lmtune never runs code from YAML"
+        ) from None
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
         raise LmtuneError(f"cannot read recipe {path}: {first}") from None

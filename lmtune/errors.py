@@ -4,5 +4,10 @@
 class LmtuneError(Exception):
     """A known problem: the message says what is wrong and how to fix it.
 
-    The CLI prints it as one red line and exits 1; `LMTUNE_DEBUG=1` shows the traceback.
+    The CLI prints it as one red line and exits with `exit_code` (1; 128 + signal number for a run
+    stopped by a signal); `LMTUNE_DEBUG=1` shows the traceback.
     """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -27,13 +27,30 @@ def default_output(cfg: Config) -> Path:
     return Path("runs") / f"{start}-{short(cfg.data)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def check_output(output: Path, model: str | None, overwrite: bool) -> None:
-    """Refuse to write over an existing run or into the model being trained."""
+def check_output(output: Path, model: str | None, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to write over an existing run or into the model being trained; say when --resume applies.
+
+    The rule, with no prompt: a new run needs an empty or missing folder (or --overwrite); --resume needs
+    an unfinished run (no summary.json) there.
+    """
     if model and Path(model).exists() and output.resolve().is_relative_to(Path(model).resolve()):
         raise LmtuneError(f"--output {output} is inside the model folder {model}; choose a folder outside it")
     if output.exists() and not output.is_dir():
         raise LmtuneError(f"--output {output} is a file; choose a folder")
+    if resume and overwrite:
+        raise LmtuneError("--resume continues a run and --overwrite replaces it; pass one of them")
+    finished = (output / SUMMARY).is_file()
+    if resume:
+        if not output.is_dir():
+            raise LmtuneError(f"nothing to resume: {output} does not exist; pass the --output of the stopped run")
+        if finished:
+            raise LmtuneError(f"run {output} already finished (it has {SUMMARY}); nothing to resume")
+        return
     if output.is_dir() and any(output.iterdir()) and not overwrite:
+        if not finished and (output / "checkpoints").is_dir():
+            raise LmtuneError(
+                f"run folder {output} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
+            )
         raise LmtuneError(f"run folder {output} already exists; choose another --output or pass --overwrite")
 
 

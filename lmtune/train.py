@@ -7,7 +7,10 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmtune import data, loss, runs
+from lmtune import checkpoint, data, loss, runs
 from lmtune.config import Config
 from lmtune.data import Report
 from lmtune.errors import LmtuneError
@@ -126,11 +129,21 @@ def absolute_paths(cfg: Config) -> Config:
 
 
 def finetune(
-    cfg: Config, *, dry_run: bool = False, overwrite: bool = False, report: Report = log_report
+    cfg: Config,
+    *,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    report: Report = log_report,
 ) -> dict[str, Any]:
-    """Fine-tune (or train from scratch) as `cfg` says. Returns the summary, or the plan with dry_run."""
+    """Fine-tune (or train from scratch) as `cfg` says. Returns the summary, or the plan with dry_run.
+
+    resume: continue the run in cfg.output from its newest complete checkpoint; force: even if settings
+    that decide the model or the data order changed.
+    """
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, gather_object, set_seed
     from transformers import get_scheduler
 
     if not cfg.data:
@@ -140,7 +153,8 @@ def finetune(
     cfg = absolute_paths(cfg)
     output = Path(cfg.output) if cfg.output else runs.default_output(cfg)
     if not dry_run:
-        runs.check_output(output, cfg.model, overwrite)
+        runs.check_output(output, cfg.model, overwrite, resume)
+    resume_from = find_resume_checkpoint(output, report) if resume else None
 
     precision = resolve_precision(cfg.mixed_precision)
     accelerator = Accelerator(
@@ -159,10 +173,13 @@ def finetune(
 
     # Tokenize on the main process first; the others then read its cache.
     with accelerator.main_process_first():
-        tokenizer = get_tokenizer(cfg, say)
+        tokenizer = load_tokenizer(str(resume_from)) if resume_from else get_tokenizer(cfg, say)
         corpus = data.load_corpus(cfg, tokenizer, say)
     say({"event": "phase", "phase": "loading model"})
-    model = load_model(cfg, tokenizer)
+    # Resuming: the checkpoint's weights, loaded exactly as the base model was (same dtype and dropout).
+    model = load_model(
+        cfg.model_copy(update={"model": str(resume_from), "from_scratch": False}) if resume_from else cfg, tokenizer
+    )
     block = resolve_block_size(cfg.block_size, model)
     blocks, dropped = data.pack(corpus.train.ids, block)
     if len(blocks) == 0:
@@ -224,11 +241,23 @@ def finetune(
     say({"event": "plan", **plan})
 
     # The run folder: config first (a recipe to repeat the run), metrics as they come, summary last.
+    saved, tensors = checkpoint.load(resume_from) if resume_from else ({}, {})
+    if saved:
+        changed = checkpoint.differences(saved["config"], cfg.model_dump(exclude={"output"}))
+        if saved["processes"] != accelerator.num_processes:
+            changed.append(f"processes ({saved['processes']} -> {accelerator.num_processes})")
+        if changed and not force:
+            raise LmtuneError(
+                f"cannot resume {output}: these settings differ from the run's and change the model or the data "
+                f"order: {', '.join(changed)}; use the run's settings (--recipe {output / 'config.yaml'}) or pass --force"
+            )
     if main:
         if overwrite:
             shutil.rmtree(output, ignore_errors=True)
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(cfg.to_yaml())
+        if saved:  # what was logged after the checkpoint will be logged again
+            keep_metrics_until(output / "metrics.jsonl", saved["step"])
     metrics = (output / "metrics.jsonl").open("a") if main else None
 
     def record(event: dict[str, Any]) -> None:
@@ -247,66 +276,130 @@ def finetune(
         record({"event": "eval", "step": step, "tokens": tokens, "eval_loss": s.loss, "eval_perplexity": s.perplexity})
         return s
 
-    base = evaluate(0, 0)
+    def check_finite(bad_step: torch.Tensor) -> None:
+        """Stop, saving nothing, if any process saw a non-finite loss or gradient norm (one sync)."""
+        bad = accelerator.gather(bad_step.reshape(1))
+        if (bad > 0).any():
+            raise LmtuneError(
+                f"the loss or the gradient norm became nan or inf at step {int(bad[bad > 0].min())}; stopped, and "
+                "the last checkpoint was kept. Lower --lr, keep --max-grad-norm on, or use --mixed-precision no"
+            )
+
+    def save_checkpoint(state: dict[str, Any]) -> Path | None:
+        """Every process's RNG and loss sum plus the shared state, written aside and renamed when complete."""
+        processes = gather_object([{"rng": checkpoint.rng_state(), "loss_sum": loss_sum.item()}])
+        accelerator.wait_for_everyone()
+        if not main:
+            return None
+        root = output / "checkpoints"
+        tmp = checkpoint.begin(root, state["step"])
+        try:
+            checkpoint.write(tmp, accelerator.unwrap_model(model), tokenizer, optimizer, processes, state)
+            return checkpoint.commit(tmp, root, state["step"], cfg.keep_checkpoints)
+        except BaseException as err:  # a full disk, a second Ctrl-C: nothing partial stays
+            error = checkpoint.abandon(tmp, state["step"], err)
+            if error:
+                raise error from None
+            raise
+
+    base = Score(**saved["base"]) if saved else evaluate(0, 0)
+    save_every = cfg.save_every if cfg.save_every is not None else eval_every
 
     # --- the training loop ------------------------------------------------------------------------
     step, tokens_seen, train_seconds = 0, 0, 0.0
+    start_epoch, skip = 0, 0  # where the data starts: an epoch, and micro-batches already done in it
     loss_sum = torch.zeros((), device=accelerator.device)  # token-weighted, summed on device between logs
     loss_tokens = 0
+    bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # first non-finite step; 0: none
+    rng = None  # a resumed run's random states, restored right before its first step
+    if saved:
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        step, tokens_seen, train_seconds = saved["step"], saved["tokens_seen"], saved["train_seconds"]
+        start_epoch, skip, loss_tokens = saved["epoch"], saved["batch_in_epoch"], saved["loss_tokens"]
+        mine = tensors["processes"][accelerator.process_index]
+        loss_sum.fill_(mine["loss_sum"])
+        rng = mine["rng"]
+        if skip >= len(loader):
+            start_epoch, skip = start_epoch + 1, 0
     model.train()
     tick = time.perf_counter()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for batch in loader:  # (B, T) token ids
-            # forward and backward; accelerate sums micro-batches and syncs on the last one
-            with accelerator.accumulate(model):
-                batch_loss = next_token_loss(model, head, batch, chunked, accelerator)
-                accelerator.backward(batch_loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # Every process gets batches of the same shape (accelerate's even_batches), so one
-            # process's counts times num_processes are the totals.
-            n_labels = batch.shape[0] * (batch.shape[1] - 1)
-            loss_sum += batch_loss.detach() * n_labels
-            loss_tokens += n_labels
-            tokens_seen += batch.numel() * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            say({"event": "progress", "step": step, "total_steps": total_steps})
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, epochs):
+            loader.set_epoch(epoch)
+            # Resuming: the random state goes back where the stopped run had it, which is before a new
+            # epoch's data iterator draws its seed from it, and after, mid-epoch.
+            if rng is not None and not skip:
+                checkpoint.set_rng_state(rng)
+                rng = None
+            # Resuming mid-epoch: the same order, `skip` batches in; skipped batches are never loaded.
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batch_in_epoch, skip = skip, 0
+            for batch in batches:  # (B, T) token ids
+                if rng is not None:
+                    checkpoint.set_rng_state(rng)
+                    rng = None
+                # forward and backward; accelerate sums micro-batches and syncs on the last one
+                with accelerator.accumulate(model):
+                    batch_loss = next_token_loss(model, head, batch, chunked, accelerator)
+                    accelerator.backward(batch_loss)
+                    finite = torch.isfinite(batch_loss.detach())
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        finite &= torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                bad_step = torch.where((bad_step == 0) & ~finite, step + 1, bad_step)  # on device: no sync
+                batch_in_epoch += 1
+                # Every process gets batches of the same shape (accelerate's even_batches), so one
+                # process's counts times num_processes are the totals.
+                n_labels = batch.shape[0] * (batch.shape[1] - 1)
+                loss_sum += batch_loss.detach() * n_labels
+                loss_tokens += n_labels
+                tokens_seen += batch.numel() * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                say({"event": "progress", "step": step, "total_steps": total_steps})
 
-            # log: the only host-device sync of a training step, once every log_every steps
-            if step % cfg.log_every == 0 or step == total_steps:
-                mean = (accelerator.reduce(loss_sum, "sum") / (loss_tokens * accelerator.num_processes)).item()
-                train_seconds += time.perf_counter() - tick
-                tick = time.perf_counter()
-                record({
-                    "event": "train", "step": step, "epoch": epoch, "tokens": tokens_seen,
-                    "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_second": tokens_seen / train_seconds, "elapsed": train_seconds,
-                })  # fmt: skip
-                loss_sum.zero_()
-                loss_tokens = 0
+                # log: the only host-device sync of a training step, once every log_every steps
+                if step % cfg.log_every == 0 or step == total_steps:
+                    check_finite(bad_step)
+                    mean = (accelerator.reduce(loss_sum, "sum") / (loss_tokens * accelerator.num_processes)).item()
+                    train_seconds += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    record({
+                        "event": "train", "step": step, "epoch": epoch, "tokens": tokens_seen,
+                        "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_second": tokens_seen / train_seconds, "elapsed": train_seconds,
+                    })  # fmt: skip
+                    loss_sum.zero_()
+                    loss_tokens = 0
 
-            # evaluate and checkpoint (not counted as training time)
-            if eval_every and step % eval_every == 0 and step < total_steps:
-                train_seconds += time.perf_counter() - tick
-                evaluate(step, tokens_seen)
-                tick = time.perf_counter()
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                train_seconds += time.perf_counter() - tick
-                accelerator.wait_for_everyone()
-                if main:
-                    save_model(accelerator.unwrap_model(model), tokenizer, output / "checkpoints" / f"step-{step:07d}")
-                tick = time.perf_counter()
+                # evaluate and checkpoint (not counted as training time); a signal saves one at once
+                stopping = stop.requested(accelerator)
+                if eval_every and step % eval_every == 0 and step < total_steps:
+                    train_seconds += time.perf_counter() - tick
+                    evaluate(step, tokens_seen)
+                    tick = time.perf_counter()
+                if stopping or (save_every and step % save_every == 0 and step < total_steps):
+                    check_finite(bad_step)
+                    train_seconds += time.perf_counter() - tick
+                    saved_to = save_checkpoint({
+                        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens_seen": tokens_seen,
+                        "train_seconds": train_seconds, "loss_tokens": loss_tokens, "scheduler": scheduler.state_dict(),
+                        "base": asdict(base), "processes": accelerator.num_processes,
+                        "config": cfg.model_dump(exclude={"output"}),
+                    })  # fmt: skip
+                    tick = time.perf_counter()
+                    if stopping:
+                        raise stop.error(step, saved_to or output, output)
+                if step >= total_steps:
+                    break
             if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
     train_seconds += time.perf_counter() - tick
+    check_finite(bad_step)
 
     final = evaluate(step, tokens_seen)
     accelerator.wait_for_everyone()
@@ -323,6 +416,7 @@ def finetune(
         "base_eval_loss": base.loss,
         "base_eval_perplexity": base.perplexity,
         "base_eval_bits_per_byte": base.bits_per_byte,
+        "resumed_from": str(resume_from) if resume_from else None,
     }
     if main:
         assert metrics is not None
@@ -333,6 +427,76 @@ def finetune(
         runs.remember(output)
     accelerator.end_training()
     return summary
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to checkpoint and stop at the next step boundary.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt). Outside the main thread signals cannot be caught,
+    and the default behaviour stays.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self, accelerator: Any) -> bool:
+        """Whether any process got a signal (all processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        flag = torch.tensor(int(self.signal is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item())
+
+    def error(self, step: int, saved_to: Path, output: Path) -> LmtuneError:
+        name = signal.Signals(self.signal or signal.SIGTERM).name
+        return LmtuneError(
+            f"stopped by {name} after step {step}; checkpoint saved in {saved_to}. Resume with: "
+            f"lmtune finetune --recipe {output / 'config.yaml'} --output {output} --resume",
+            exit_code=128 + (self.signal or signal.SIGTERM),
+        )
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records a resumed run will write again (after `step`), and a last line cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def find_resume_checkpoint(output: Path, report: Report) -> Path:
+    """The newest complete checkpoint of the run in `output`, naming any incomplete ones it passes over."""
+    root = output / "checkpoints"
+    ignored = checkpoint.incomplete(root)
+    if ignored:
+        names = ", ".join(p.name for p in ignored)
+        report({"event": "phase", "phase": f"ignoring incomplete checkpoints: {names}"})
+    found = checkpoint.complete(root)
+    if not found:
+        raise LmtuneError(f"{output} has no complete checkpoint to resume from; start over with --overwrite")
+    report({"event": "phase", "phase": f"resuming from {found[-1]}"})
+    return found[-1]
 
 
 def next_token_loss(model: Any, head: Any, batch: torch.Tensor, chunked: bool, accelerator: Any) -> torch.Tensor:

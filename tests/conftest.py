@@ -68,11 +68,14 @@ def write_paragraphs(path: Path, n: int, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def make_tiny_model(folder: Path) -> Path:
     """A byte-level BPE tokenizer and a 2-layer GPT-2 saved in a folder, as a user's base model would be."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-model")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -183,6 +183,17 @@ def test_recipes_list_show_copy(cli, tmp_path, monkeypatch):
         (["generate", "hi", "--model", "{notokenizer}"], "has no tokenizer files"),
         (["finetune", "{corpusdir}", "--data", "{train}"], "is not a model folder (no config.json)"),
         (["eval", "{corpusdir}", "--data", "{train}"], "is not a model folder (no config.json)"),
+        (["finetune", "{model}", "--data", "{nodata}"], "no .txt, .jsonl"),
+        (["finetune", "{model}", "--data", "{badjsonl}"], "line 2"),
+        (["finetune", "{model}", "--data", "{othercolumn}"], "has no column `text`; it has body"),
+        (["finetune", "{model}", "--data", "{numbers}"], "not text"),
+        (
+            ["finetune", "{model}", "--data", "{train}", "--batch-size", "0"],
+            "batch_size: Input should be greater than 0",
+        ),
+        (["finetune", "{model}", "--data", "{train}", "--recipe", "{evilrecipe}"], "could not be read safely"),
+        (["finetune", "{remotecode}", "--data", "{train}"], "pass --trust-remote-code if you trust its author"),
+        (["generate", "hi", "--model", "{remotecode}"], "pass --trust-remote-code if you trust its author"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message, cli, tiny_model, corpus, tmp_path):
@@ -191,9 +202,19 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, cli, tiny_mode
     notok = tmp_path / "notok"
     notok.mkdir()
     (notok / "config.json").write_text((tiny_model / "config.json").read_text())
+    (tmp_path / "nodata").mkdir()
+    (tmp_path / "nodata" / "weights.bin").write_bytes(b"\0" * 10)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a cat"}\n{"text": "a dog"\n')
+    (tmp_path / "other.jsonl").write_text('{"body": "a cat"}\n')
+    (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n{"text": 6}\n')
+    # A recipe that would run a shell command if YAML were loaded unsafely.
+    (tmp_path / "evil.yaml").write_text(f'lr: !!python/object/apply:os.system ["touch {tmp_path}/pwned"]\n')
+    remote = remote_code_model(tiny_model, tmp_path / "remote")
     paths = {
         "model": tiny_model, "train": corpus / "train.txt", "empty": tmp_path / "empty.txt",
-        "short": tmp_path / "short.txt", "notokenizer": notok, "corpusdir": corpus,
+        "short": tmp_path / "short.txt", "notokenizer": notok, "corpusdir": corpus, "nodata": tmp_path / "nodata",
+        "badjsonl": tmp_path / "bad.jsonl", "othercolumn": tmp_path / "other.jsonl",
+        "numbers": tmp_path / "numbers.jsonl", "evilrecipe": tmp_path / "evil.yaml", "remotecode": remote,
     }  # fmt: skip
     r = cli(*[a.format(**paths) for a in args])
     assert r.code == 1
@@ -202,6 +223,22 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, cli, tiny_mode
     lines = r.err.strip().splitlines()  # progress lines may come first; the error is one line, the last
     assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1
     assert not list(tmp_path.glob("runs/*"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def remote_code_model(tiny_model, folder):
+    """A model folder whose architecture exists only as Python shipped beside it (a hub 'remote code' model)."""
+    import shutil
+
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="lmtune-test-custom",
+        auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"},
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text("raise SystemExit('remote code ran')\n")
+    return folder
 
 
 def test_output_inside_the_model_folder_is_refused(cli, tiny_model, corpus):

@@ -53,7 +53,7 @@ def test_unknown_key_in_recipe_suggests(tmp_path):
 def test_recipe_cannot_run_code(tmp_path):
     recipe = tmp_path / "evil.yaml"
     recipe.write_text("lr: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n")
-    with pytest.raises(LmtuneError, match="cannot read recipe"):
+    with pytest.raises(LmtuneError, match="could not be read safely"):
         config.build(str(recipe))
     assert not (tmp_path / "pwned.txt").exists()
 

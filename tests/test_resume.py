@@ -1,0 +1,189 @@
+"""Runs that survive: exact resume after kill -9 and signals, atomic checkpoints, non-finite losses, full disks."""
+
+import errno
+import json
+import random
+import signal
+
+import pytest
+import torch
+from torture import STEPS, Bench
+
+from lmtune import checkpoint, loss
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """The tiny model, its data and a reference run that was never stopped (shared by this module's tests)."""
+    return Bench(tmp_path_factory.mktemp("torture"))
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_steps_then_resume_is_exact(bench):
+    for i, step in enumerate(random.sample(range(1, STEPS), 2)):
+        r = bench.kill_and_resume(step, f"kill-{i}")
+        assert r["killed_exit"] == -signal.SIGKILL and not r["finished_before_kill"], r
+        assert r["resume_exit"] == 0, r["resume_stderr"][-2000:]
+        assert r["same_records"], f"per-step losses differ after a kill at step {step}"
+        assert r["same_weights"], f"final weights differ after a kill at step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_exits_non_zero(bench, sig, code):
+    r = bench.kill_and_resume(4, f"signal-{sig}", sig)
+    assert r["killed_exit"] == code, r["killed_stderr"][-2000:]
+    err = r["killed_stderr"].strip().splitlines()[-1]
+    assert f"stopped by {signal.Signals(sig).name} after step" in err
+    assert "Resume with: lmtune finetune --recipe" in err and "--resume" in err
+    assert r["resume_exit"] == 0 and r["same_records"] and r["same_weights"]
+
+
+def short_run(cli, tiny_model, corpus, out, *extra):
+    return cli(
+        "finetune", tiny_model, "--data", corpus / "train.txt", "--output", out, "--block-size", "32",
+        "--max-steps", "6", "--save-every", "1", "--log-every", "1", "--mixed-precision", "no", *extra,
+    )  # fmt: skip
+
+
+def steps_saved(out):
+    return [p.name for p in checkpoint.complete(out / "checkpoints")]
+
+
+def test_checkpoints_hold_everything_and_only_the_newest_are_kept(cli, tiny_model, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out, "--max-steps", "8", "--keep-checkpoints", "3")
+    assert r.code == 0, r.err
+    assert steps_saved(out) == ["step-0000005", "step-0000006", "step-0000007"]  # the final model is the run itself
+    newest = out / "checkpoints" / "step-0000007"
+    state = json.loads((newest / "state.json").read_text())
+    assert state["step"] == 7 and {"epoch", "batch_in_epoch", "scheduler", "config"} <= state.keys()
+    assert set(state["versions"]) == {"lmtune", "torch", "transformers", "accelerate"}
+    tensors = torch.load(newest / "training_state.pt", weights_only=True)  # no pickled objects inside
+    assert tensors["optimizer"]["state"] and tensors["processes"][0]["rng"]["torch"].dtype == torch.uint8
+    AutoModelForCausalLM.from_pretrained(newest)  # a checkpoint is a model folder too
+    assert not [p for p in out.rglob("*") if p.suffix in (".pkl", ".bin", ".pickle")]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoint(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    real, calls = loss.linear_cross_entropy, []
+
+    def nan_at_third_step(hidden, weight, targets):
+        out = real(hidden, weight, targets)
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls.append(1)
+            if len(calls) == 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(loss, "linear_cross_entropy", nan_at_third_step)
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out)
+    assert r.code == 1
+    assert "became nan or inf at step 3" in r.err.strip().splitlines()[-1]
+    assert steps_saved(out) == ["step-0000001", "step-0000002"]
+    assert not (out / "summary.json").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"), (RuntimeError("boom"), "boom")],
+)
+def test_a_failed_save_leaves_nothing_partial_and_keeps_the_previous_checkpoint(
+    failure, message, cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    real, calls = torch.save, []
+
+    def fail_on_third(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise failure
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", fail_on_third)
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out)
+    assert r.code == 1 and message in r.err and "Traceback" not in r.err
+    assert steps_saved(out) == ["step-0000001", "step-0000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == steps_saved(out)  # no .tmp left
+
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    r = short_run(cli, tiny_model, corpus, out, "--resume")
+    assert r.code == 0, r.err
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-0000002")
+
+
+def test_resume_rules(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint.torch, "save", _fail_after(2))
+    assert short_run(cli, tiny_model, corpus, out).code == 1  # stopped after two checkpoints
+    monkeypatch.undo()
+
+    again = short_run(cli, tiny_model, corpus, out)  # the same command again: told what to do, nothing lost
+    assert again.code == 1 and "holds an unfinished run; pass --resume" in again.err
+    assert steps_saved(out) == ["step-0000001", "step-0000002"]
+
+    changed = short_run(cli, tiny_model, corpus, out, "--resume", "--batch-size", "4")
+    assert changed.code == 1 and "batch_size (8 -> 4)" in changed.err and "--force" in changed.err
+
+    (out / "checkpoints" / "step-0000009").mkdir()  # cut short: no COMPLETE mark
+    (out / "checkpoints" / ".step-0000010.tmp").mkdir()
+    resumed = short_run(cli, tiny_model, corpus, out, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert "ignoring incomplete checkpoints: .step-0000010.tmp, step-0000009" in resumed.out
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-0000002")
+
+    finished = short_run(cli, tiny_model, corpus, out, "--resume")
+    assert finished.code == 1 and "already finished" in finished.err
+    nothing = short_run(cli, tiny_model, corpus, tmp_path / "never-ran", "--resume")
+    assert nothing.code == 1 and "nothing to resume" in nothing.err
+
+
+def test_force_resumes_with_changed_settings(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint.torch, "save", _fail_after(2))
+    short_run(cli, tiny_model, corpus, out)
+    monkeypatch.undo()
+    r = short_run(cli, tiny_model, corpus, out, "--resume", "--force", "--batch-size", "4")
+    assert r.code == 0, r.err
+
+
+def _fail_after(n):
+    real, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *args, **kwargs)
+
+    return save
+
+
+def test_the_hub_token_is_never_written_or_printed(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    token = "hf_lmtuneFAKEtoken1234567890abcdef"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", token)
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out)
+    assert r.code == 0, r.err
+    g = cli("generate", "the cat", "--model", out, "--max-new-tokens", "5")
+    assert token not in r.out + r.err + g.out + g.err
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import os
+
+    from lmtune.train import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks for a checkpoint at the next step
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
