@@ -43,7 +43,7 @@ demo: install
 bench: install
 	$(PY) bench/run.py
 
-# kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 3 minutes.
+# kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install
 	$(PY) tests/torture.py --points 10
 
