@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmtune import checkpoint, data, loss, runs
+from lmtune import card, checkpoint, data, loss, runs
 from lmtune.config import Config
 from lmtune.data import Report
 from lmtune.errors import LmtuneError
@@ -422,6 +422,9 @@ def finetune(
         assert metrics is not None
         metrics.close()
         save_model(accelerator.unwrap_model(model), tokenizer, output)
+        # What a person reads: the training curves and a model card (README.md, the hub's format).
+        card.plot_curves(output, base.perplexity)
+        (output / card.CARD).write_text(card.model_card(output, cfg, summary))
         # summary.json last: its presence marks a complete run.
         (output / runs.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         runs.remember(output)

@@ -1,0 +1,107 @@
+"""What a person reads in a run folder: `README.md` (a Hugging Face model card) and `curves.png`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmtune.config import Config
+from lmtune.model import looks_local
+
+CURVES = "curves.png"
+CARD = "README.md"
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_curves(run: Path, base_perplexity: float) -> Path:
+    """Training loss, evaluation loss and evaluation perplexity against tokens seen, base model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    events = metrics(run)
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([e["tokens"] for e in train], [e["loss"] for e in train], label="training loss", alpha=0.8)
+    ax_loss.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="evaluation loss")
+    ax_loss.set_xlabel("tokens seen")
+    ax_loss.set_ylabel("loss (nats per token)")
+    ax_loss.legend()
+    ax_ppl.plot([e["tokens"] for e in evals], [e["eval_perplexity"] for e in evals], "o-", label="evaluation")
+    ax_ppl.axhline(base_perplexity, color="gray", linestyle="--", label=f"base model ({base_perplexity:,.2f})")
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_xlabel("tokens seen")
+    ax_ppl.set_ylabel("perplexity")
+    ax_ppl.legend()
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    path = run / CURVES
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
+    """A model card in the Hugging Face format: metadata header, results, settings, how to load it."""
+    base = cfg.model if cfg.model and not looks_local(cfg.model) else None
+    dataset = {"wikitext": "Salesforce/wikitext"}.get(cfg.data or "", cfg.data)
+    header = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- lmtune"]
+    if base:
+        header.append(f"base_model: {base}")
+    if dataset and not looks_local(dataset):
+        header += ["datasets:", f"- {dataset.split(':')[0]}"]
+    header.append("---")
+    start = f"fine-tuned from `{cfg.model}`" if cfg.model and not cfg.from_scratch else "trained from scratch"
+    settings = {k: v for k, v in cfg.model_dump(exclude={"output"}).items() if v != Config.model_fields[k].default}
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
+    return "\n".join([
+        *header,
+        "",
+        f"# {run.name}",
+        "",
+        f"A causal language model {start} on `{cfg.data}` with lmtune, "
+        f"{summary['steps']} steps, {summary['train_tokens']:,} tokens, {summary['parameters']:,} parameters.",
+        "",
+        "## Results",
+        "",
+        f"On {summary['validation']} ({summary['eval_tokens']:,} tokens scored, context {summary['block_size']}):",
+        "",
+        "| | loss | perplexity | bits per byte |",
+        "| --- | --- | --- | --- |",
+        f"| before | {summary['base_eval_loss']:.4f} | {summary['base_eval_perplexity']:.2f} | "
+        f"{summary['base_eval_bits_per_byte']:.4f} |",
+        f"| after | {summary['eval_loss']:.4f} | {summary['eval_perplexity']:.2f} | {summary['eval_bits_per_byte']:.4f} |",
+        "",
+        f"![training curves]({CURVES})",
+        "",
+        "## Settings",
+        "",
+        "Everything not listed is lmtune's default; `config.yaml` holds every key.",
+        "",
+        "| key | value |",
+        "| --- | --- |",
+        rows,
+        "",
+        f"Precision {summary['mixed_precision']}, {summary['processes']} process(es), "
+        f"{summary['tokens_per_second']:,.0f} tokens/s over {summary['train_seconds']:.0f} s of training.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'generate = pipeline("text-generation", model="{run.name}")  # the folder, or its hub repo',
+        'print(generate("Hello, my dog", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+        f'or `lmtune generate "Hello, my dog" --model {run.name}`; repeat the run with '
+        f"`lmtune finetune --recipe {run.name}/config.yaml`.",
+        "",
+    ])  # fmt: skip

@@ -1,0 +1,37 @@
+"""The run folder explains itself: a model card and training curves, and it works in a plain pipeline."""
+
+import json
+
+from lmtune.card import model_card
+from lmtune.config import Config
+
+
+def test_run_folder_has_a_model_card_and_curves(finetuned):
+    summary = json.loads((finetuned / "summary.json").read_text())
+    card = (finetuned / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "library_name: transformers" in header and "pipeline_tag: text-generation" in header
+    assert "base_model" not in header  # a local folder is no hub id
+    assert f"| before | {summary['base_eval_loss']:.4f} | {summary['base_eval_perplexity']:.2f} |" in card
+    assert f"| after | {summary['eval_loss']:.4f} | {summary['eval_perplexity']:.2f} |" in card
+    assert "| `block_size` | `32` |" in card and "`seed`" not in card  # non-default settings only
+    assert (finetuned / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_card_names_hub_base_model_and_dataset(tmp_path):
+    summary = {
+        "steps": 10, "train_tokens": 1000, "parameters": 124_000_000, "validation": "the validation split",
+        "eval_tokens": 500, "block_size": 1024, "base_eval_loss": 3.3, "base_eval_perplexity": 27.1,
+        "base_eval_bits_per_byte": 1.2, "eval_loss": 3.0, "eval_perplexity": 20.1, "eval_bits_per_byte": 1.1,
+        "mixed_precision": "bf16", "processes": 1, "tokens_per_second": 5000.0, "train_seconds": 0.2,
+    }  # fmt: skip
+    card = model_card(tmp_path / "gpt2-wt", Config(model="gpt2", data="wikitext"), summary)
+    assert "base_model: gpt2" in card and "- Salesforce/wikitext" in card
+
+
+def test_a_run_folder_works_in_a_transformers_pipeline(finetuned):
+    from transformers import pipeline
+
+    generate = pipeline("text-generation", model=str(finetuned))
+    out = generate("The cat", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("The cat") and len(out) > len("The cat")
