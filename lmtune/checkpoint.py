@@ -36,11 +36,12 @@ SAME_RUN_KEYS = (
 def rng_state() -> dict[str, Any]:
     """This process's random number generators: torch (CPU and CUDA), numpy and Python's."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [version, list(internal), python_gauss],
     }  # fmt: skip
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from lmtune import data, loss
@@ -103,21 +102,15 @@ def score(
     for b in range(0, len(mine), batch_size):
         batch = mine[b : b + batch_size]
         inputs = torch.zeros(len(batch), context, dtype=torch.int64)  # (B, T) short windows right-padded
-        labels = torch.full((len(batch), context), -100, dtype=torch.int64)  # -100: not scored
+        labels = torch.full((len(batch), context), loss.IGNORE, dtype=torch.int64)  # not scored
         for row, (start, end, first) in enumerate(batch):
             inputs[row, : end - start] = ids[start:end]
             labels[row, first - start : end - start] = ids[first:end]
         inputs, labels = inputs.to(device), labels.to(device)
         targets = labels[:, 1:].flatten()  # position t predicts token t+1
-        with autocast():
-            if chunked:  # causal, so right padding changes nothing before it
-                hidden = loss.last_hidden(model, inputs)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
-                nll += loss.linear_cross_entropy(hidden, head.weight, targets).double()
-            else:
-                logits = model(input_ids=inputs).logits[:, :-1].flatten(0, 1)  # (B*(T-1), V)
-                # Upcast: a bf16 log-softmax over 50k tokens loses digits.
-                nll += F.cross_entropy(logits.float(), targets, ignore_index=loss.IGNORE, reduction="sum").double()
-        count += (labels[:, 1:] != -100).sum()
+        with autocast():  # causal, so right padding changes nothing before it
+            nll += loss.next_token_nll(model, head, inputs, targets, chunked).double()
+        count += (targets != loss.IGNORE).sum()
         report({"event": "phase", "phase": "evaluating", "done": min(b + batch_size, len(mine)), "total": len(mine)})
     model.train(was_training)
     nll, count = reduce(nll), reduce(count)

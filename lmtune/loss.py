@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 CHUNK = 1024  # rows of logits in memory at once: 1024 x 50k vocabulary x 4 bytes = 200 MB
 IGNORE = -100  # target value of positions that are not scored (transformers' convention)
@@ -35,6 +36,18 @@ def last_hidden(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, T, E) final hidden states (after the last norm), going through model.forward so that DDP's
     gradient hooks see the call; logits_to_keep=1 makes the model's own head compute one position only."""
     return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
+def next_token_nll(model: Any, head: Any, inputs: torch.Tensor, targets: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """Summed NLL (nats) of `targets` (B*(T-1),), IGNORE where not scored, predicted from `inputs` (B, T):
+    position t predicts token t+1. `head` is the model's output layer (reachable when `model` is wrapped);
+    chunked: the chunked loss (see `supported`), else the full logits."""
+    if chunked:
+        hidden = last_hidden(model, inputs)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
+        return linear_cross_entropy(hidden, head.weight, targets)
+    logits = model(input_ids=inputs).logits[:, :-1].flatten(0, 1)  # (B*(T-1), V)
+    # Upcast: a bf16 log-softmax over 50k tokens loses digits.
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -504,11 +504,8 @@ def find_resume_checkpoint(output: Path, report: Report) -> Path:
 
 def next_token_loss(model: Any, head: Any, batch: torch.Tensor, chunked: bool, accelerator: Any) -> torch.Tensor:
     """Mean next-token NLL over the B*(T-1) label tokens of a batch of packed blocks (B, T)."""
-    if not chunked:
-        return model(input_ids=batch, labels=batch).loss
     with accelerator.autocast():
-        hidden = loss.last_hidden(model, batch)[:, :-1]  # (B, T-1, E): position t predicts token t+1
-        total = loss.linear_cross_entropy(hidden.flatten(0, 1), head.weight, batch[:, 1:].flatten())
+        total = loss.next_token_nll(model, head, batch, batch[:, 1:].flatten(), chunked)
     return total / (batch.shape[0] * (batch.shape[1] - 1))
 
 

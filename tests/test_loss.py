@@ -64,6 +64,8 @@ def test_training_loss_and_gradients_match_transformers(family, tiny_model):
     theirs.backward()
 
     assert torch.allclose(ours, theirs, atol=1e-6)
+    full_logits = next_token_loss(model, model.get_output_embeddings(), batch, False, NoAccelerator())
+    assert torch.allclose(full_logits, theirs.detach(), atol=1e-6)  # the path for other models
     for mine, their in zip(ours_grads, (p.grad for p in model.parameters()), strict=True):
         assert torch.allclose(mine, their, atol=1e-6)
 
