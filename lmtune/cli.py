@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from lmtune import config
 from lmtune.errors import LmtuneError
 
 app = typer.Typer(
-    help="Fine-tune causal language models: finetune, generate, eval.",
+    help="Fine-tune causal language models: finetune, generate, eval, merge.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -44,6 +45,8 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors reach the user as lmtune's one line
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # Deprecation notices between libraries (peft calling transformers) are for their authors, not users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
     logging.getLogger("lmtune").setLevel(logging.INFO)
 
@@ -54,7 +57,7 @@ def opt(key: str, *names: str, **kwargs: Any) -> Any:
     return typer.Option(flag, *names, help=config.help_for(key), **kwargs)
 
 
-MODEL, DATA, TRAIN = "Model", "Data", "Training"
+MODEL, LORA, DATA, TRAIN = "Model", "LoRA", "Data", "Training"
 
 
 @app.command()
@@ -79,6 +82,11 @@ def finetune(
     dtype: Annotated[str | None, opt("dtype", rich_help_panel=MODEL)] = None,
     trust_remote_code: Annotated[bool | None, opt("trust_remote_code", rich_help_panel=MODEL)] = None,
     dropout: Annotated[float | None, opt("dropout", rich_help_panel=MODEL)] = None,
+    lora: Annotated[bool | None, opt("lora", rich_help_panel=LORA)] = None,
+    lora_rank: Annotated[int | None, opt("lora_rank", rich_help_panel=LORA)] = None,
+    lora_alpha: Annotated[int | None, opt("lora_alpha", rich_help_panel=LORA)] = None,
+    lora_dropout: Annotated[float | None, opt("lora_dropout", rich_help_panel=LORA)] = None,
+    lora_targets: Annotated[str | None, opt("lora_targets", rich_help_panel=LORA)] = None,
     data: Annotated[str | None, opt("data", "-d", rich_help_panel=DATA)] = None,
     text_column: Annotated[str | None, opt("text_column", rich_help_panel=DATA)] = None,
     validation_data: Annotated[str | None, opt("validation_data", rich_help_panel=DATA)] = None,
@@ -292,6 +300,28 @@ def eval_(
     console.print(table)
     for r in results:
         console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
+
+
+@app.command()
+def merge(
+    run: Annotated[str, typer.Argument(help="Run folder trained with --lora.", show_default=False)],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder to write. Default: RUN-merged beside the run.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output folder.")] = False,
+) -> None:
+    """Merge a LoRA run's adapter into its base model: a plain model folder that transformers loads without peft.
+
+    Example:  lmtune merge runs/my-lora-run --output my-model
+    """
+    quiet_libraries()
+    from lmtune.lora import merge as run_merge
+
+    target = output or Path(f"{Path(run).expanduser().resolve()}-merged")
+    written = run_merge(run, target, overwrite)
+    console.print(
+        f"[bold green]merged[/] {run} into [bold]{written}[/]; load it with AutoModelForCausalLM.from_pretrained"
+    )
 
 
 @recipes_app.command("list")

@@ -49,6 +49,18 @@ class Config(BaseModel):
     dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout probability while training. Default: the model's own (GPT-2: 0.1). 0 trains about 1.5x faster on CPU."""
 
+    # --- LoRA ---
+    lora: bool = False
+    """Train a LoRA adapter (peft) instead of every weight; the run folder then holds the adapter."""
+    lora_rank: int = Field(8, gt=0)
+    """Rank of the LoRA matrices: trainable parameters grow with it."""
+    lora_alpha: int = Field(16, gt=0)
+    """LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_rank."""
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input while training."""
+    lora_targets: str = "all-linear"
+    """Comma-separated module names to adapt, or all-linear: every linear layer but the output head (GPT-2: c_attn, c_proj, c_fc)."""
+
     # --- data ---
     data: str | None = None
     """Training data: 'wikitext', a hub dataset as name or name:config, or a .txt/.jsonl/.json/.csv/.parquet file or folder."""
@@ -72,8 +84,8 @@ class Config(BaseModel):
     """Sequences per micro-batch on each process."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches summed into one optimizer step."""
-    lr: float = Field(5e-5, gt=0)
-    """Peak learning rate."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate. Default: 5e-5, or 2e-4 with --lora (an adapter starts at zero and needs larger steps)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -105,7 +117,14 @@ class Config(BaseModel):
     def _shape_fits(self) -> Config:
         if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.lora and self.from_scratch:
+            raise ValueError("--lora adapts pretrained weights; it cannot train a model --from-scratch")
         return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate used: --lr, else the default for full fine-tuning or LoRA."""
+        return self.lr or (2e-4 if self.lora else 5e-5)
 
     def to_yaml(self) -> str:
         """The resolved config as a recipe: every key, so the run can be repeated exactly."""

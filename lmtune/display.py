@@ -40,6 +40,7 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     t = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
     rows = [
         ("model", f"{plan['model']} ({human(plan['parameters'])} parameters)"),
+        ("training", trainable_row(plan)),
         ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)"),
         (
             "training tokens",
@@ -66,6 +67,17 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", str(v))
     return t
+
+
+def trainable_row(plan: dict[str, Any]) -> str:
+    """What trains, and for a LoRA adapter the gradient and optimizer memory it saves."""
+    n, total = plan["trainable_parameters"], plan["parameters"]
+    if n == total:
+        return f"all {human(total)} parameters"
+    return (
+        f"LoRA adapter: {human(n)} parameters ({100 * n / total:.2f}%); gradients + AdamW state "
+        f"{plan['training_state_bytes'] / 1e6:,.1f} MB instead of {plan['full_training_state_bytes'] / 1e6:,.1f} MB"
+    )
 
 
 class Display:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import TextStreamer
 
+from lmtune import lora
 from lmtune.model import load_pretrained, load_tokenizer
 
 
@@ -25,7 +26,11 @@ class Sampling:
 def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
     tok = load_tokenizer(model, trust_remote_code, what="model")
-    net = load_pretrained(model, getattr(torch, dtype) if dtype != "auto" else "auto", trust_remote_code)
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    if lora.is_adapter(model):  # a LoRA run: its base model with the adapter merged in
+        net = lora.load_merged(model, torch_dtype, trust_remote_code)
+    else:
+        net = load_pretrained(model, torch_dtype, trust_remote_code)
     net.eval()
     return net, tok
 

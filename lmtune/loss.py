@@ -57,7 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # hidden (N, E), weight (V, E), targets (N,) with IGNORE where not scored
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # A frozen head (LoRA keeps it fixed) needs no weight gradient: skip its (V, E) matmuls.
+        wants_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros(weight.shape if wants_weight else (), dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, len(hidden), CHUNK):
             h, t = hidden[i : i + CHUNK], targets[i : i + CHUNK]
@@ -68,14 +70,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
             probs *= keep[:, None]
             grad_hidden[i : i + CHUNK] = probs.to(weight.dtype) @ weight  # (C, E)
-            grad_weight += probs.T.to(h.dtype) @ h  # (V, E), accumulated in float32
+            if wants_weight:
+                grad_weight += probs.T.to(h.dtype) @ h  # (V, E), accumulated in float32
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad, grad_weight * grad, None
+        return grad_hidden * grad, grad_weight * grad if ctx.needs_input_grad[1] else None, None
 
 
 def _chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:

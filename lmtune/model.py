@@ -16,7 +16,11 @@ from lmtune.errors import LmtuneError
 log = logging.getLogger("lmtune")
 
 EOS = "<|endoftext|>"  # GPT-2's end-of-text token, reused by tokenizers lmtune trains
-MAX_BLOCK = 1024  # default block size cap: longer blocks cost memory faster than they help
+MAX_BLOCK = 1024
+MODEL_FILES = (
+    "config.json",
+    "adapter_config.json",
+)  # a model folder, or a LoRA run's adapter folder  # default block size cap: longer blocks cost memory faster than they help
 
 
 def looks_local(name: str) -> bool:
@@ -51,7 +55,7 @@ def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
 def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "tokenizer") -> PreTrainedTokenizerBase:
     """The tokenizer at `name`; `what` names it in errors ("model" when it comes with the model)."""
     folder = Path(name).expanduser()
-    if what == "model" and folder.is_dir() and not (folder / "config.json").is_file():
+    if what == "model" and folder.is_dir() and not any((folder / f).is_file() for f in MODEL_FILES):
         raise LmtuneError(
             f"{name} is not a model folder (no config.json); pass a run folder, a save_pretrained folder or a hub id"
         )

@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmtune import card, checkpoint, data, loss, runs
+from lmtune import card, checkpoint, data, lora, loss, runs
 from lmtune.config import Config
 from lmtune.data import Report
 from lmtune.errors import LmtuneError
@@ -176,10 +177,13 @@ def finetune(
         tokenizer = load_tokenizer(str(resume_from)) if resume_from else get_tokenizer(cfg, say)
         corpus = data.load_corpus(cfg, tokenizer, say)
     say({"event": "phase", "phase": "loading model"})
-    # Resuming: the checkpoint's weights, loaded exactly as the base model was (same dtype and dropout).
-    model = load_model(
-        cfg.model_copy(update={"model": str(resume_from), "from_scratch": False}) if resume_from else cfg, tokenizer
-    )
+    if resume_from and not cfg.lora:
+        # The checkpoint's weights, loaded exactly as the base model was (same dtype and dropout).
+        model = load_model(cfg.model_copy(update={"model": str(resume_from), "from_scratch": False}), tokenizer)
+    else:
+        model = load_model(cfg, tokenizer)
+    if cfg.lora:  # the base stays frozen; a new adapter trains, or the checkpoint's when resuming
+        model = lora.add_adapter(model, cfg, resume_from)
     block = resolve_block_size(cfg.block_size, model)
     blocks, dropped = data.pack(corpus.train.ids, block)
     if len(blocks) == 0:
@@ -192,7 +196,7 @@ def finetune(
 
     loader = DataLoader(Blocks(blocks), batch_size=cfg.batch_size, shuffle=True)
     # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     # The chunked loss reads the output weights outside the model's forward, which sharded models
     # (FSDP, DeepSpeed) do not allow; they take transformers' loss.
     sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
@@ -213,10 +217,15 @@ def finetune(
         num_warmup_steps=round(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    n_parameters, n_trainable = parameter_count(accelerator.unwrap_model(model)), lora.trainable_parameters(model)
     plan = {
         "output": str(output),
         "model": cfg.model or "new GPT-2 shaped model",
-        "parameters": parameter_count(accelerator.unwrap_model(model)),
+        "parameters": n_parameters,
+        "trainable_parameters": n_trainable,
+        # Gradient + AdamW state (float32), estimated, and what full fine-tuning would need (peaks: bench/).
+        "training_state_bytes": n_trainable * lora.STATE_BYTES_PER_PARAMETER,
+        "full_training_state_bytes": n_parameters * lora.STATE_BYTES_PER_PARAMETER,
         "mixed_precision": precision,
         "processes": accelerator.num_processes,
         "documents": corpus.train.documents,
@@ -417,6 +426,7 @@ def finetune(
         "base_eval_perplexity": base.perplexity,
         "base_eval_bits_per_byte": base.bits_per_byte,
         "resumed_from": str(resume_from) if resume_from else None,
+        **peak_memory(accelerator.device),
     }
     if main:
         assert metrics is not None
@@ -471,6 +481,16 @@ class StopSignals:
             f"lmtune finetune --recipe {output / 'config.yaml'} --output {output} --resume",
             exit_code=128 + (self.signal or signal.SIGTERM),
         )
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak memory: on a GPU what PyTorch allocated there, else the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device)}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}  # bytes on macOS, KiB on Linux
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
