@@ -28,7 +28,7 @@ TENSORS = "training_state.pt"
 # not be a continuation, so it is refused unless forced.
 SAME_RUN_KEYS = (
     "model", "from_scratch", "tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "dtype",
-    "dropout", "data", "text_column", "validation_data", "validation_percent", "txt_documents", "block_size",
+    "dropout", "data", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents", "block_size",
     "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank", "lora_alpha", "lora_dropout",
     "lora_targets",
 )  # fmt: skip

@@ -54,6 +54,8 @@ def quiet_libraries() -> None:
 def opt(key: str, *names: str, **kwargs: Any) -> Any:
     """A flag for config key `key`: its name is the key's, its help the key's docstring."""
     flag = "--" + key.replace("_", "-")
+    if config.Config.model_fields[key].annotation is bool:  # --lora/--no-lora: a flag can undo a recipe's true
+        flag += "/--no-" + key.replace("_", "-")
     return typer.Option(flag, *names, help=config.help_for(key), **kwargs)
 
 
@@ -89,6 +91,7 @@ def finetune(
     lora_targets: Annotated[str | None, opt("lora_targets", rich_help_panel=LORA)] = None,
     data: Annotated[str | None, opt("data", "-d", rich_help_panel=DATA)] = None,
     text_column: Annotated[str | None, opt("text_column", rich_help_panel=DATA)] = None,
+    data_format: Annotated[str | None, opt("data_format", rich_help_panel=DATA)] = None,
     validation_data: Annotated[str | None, opt("validation_data", rich_help_panel=DATA)] = None,
     validation_percent: Annotated[float | None, opt("validation_percent", rich_help_panel=DATA)] = None,
     txt_documents: Annotated[str | None, opt("txt_documents", rich_help_panel=DATA)] = None,
@@ -181,8 +184,17 @@ def generate(
         str | None, typer.Option(help="Another model (e.g. the base) to continue the same prompt, side by side.")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Send the prompt as a user turn in the model's chat template and print the answer. "
+            "Default: when the run was trained on chat data.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Continue PROMPT with a model; the text streams as it is made.
+    """Continue PROMPT with a model (or answer it, for chat runs); the text streams as it is made.
 
     Example:  lmtune generate "Hello, my dog" --max-new-tokens 40 --seed 0
     """
@@ -193,40 +205,48 @@ def generate(
     model = model or str(runs.latest())
     texts = read_prompts(prompts) if prompts else [prompt or ""]
     quiet_libraries()
-    from lmtune.generate import Sampling, load
+    from lmtune.generate import Sampling, as_chat, load, trained_on_chat
     from lmtune.generate import generate as run_generate
+
+    def inputs(name: str, tokenizer: Any) -> tuple[list[str], str]:
+        """What the model is given: the prompts, or each as a chat turn; and what to print before its output."""
+        if chat if chat is not None else trained_on_chat(name):
+            return [as_chat(tokenizer, t) for t in texts], ""
+        return texts, texts[0]
 
     s = Sampling(max_new_tokens, 0.0 if greedy else temperature, top_k, top_p, num_return_sequences, seed)
     net, tok = load(model, dtype)
+    given, echo = inputs(model, tok)
     if prompts:
-        for text, outs in zip(texts, run_generate(net, tok, texts, s), strict=True):
+        for text, outs in zip(texts, run_generate(net, tok, given, s), strict=True):
             print(json.dumps({"prompt": text, "completions": outs}), flush=True)
         return
     if compare:
         other_net, other_tok = load(compare, dtype)
-        mine = run_generate(net, tok, texts, s)[0]
-        theirs = run_generate(other_net, other_tok, texts, s)[0]
+        other_given, other_echo = inputs(compare, other_tok)
+        mine = run_generate(net, tok, given, s)[0]
+        theirs = run_generate(other_net, other_tok, other_given, s)[0]
         table = Table(title=f"[bold]{texts[0]}[/] ...", show_lines=True)
         for name in (model, compare):  # a folder by its name: full paths would wrap the header
             table.add_column(Path(name).name if Path(name).exists() else name, ratio=1)
         for a, b in zip(mine, theirs, strict=True):
-            table.add_row(texts[0] + a, texts[0] + b)
+            table.add_row(echo + a, other_echo + b)
         console.print(table)
         return
     if num_return_sequences == 1:
-        sys.stdout.write(texts[0])
+        sys.stdout.write(echo)
         sys.stdout.flush()
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        run_generate(net, tok, texts, s, on_text=stream)
+        run_generate(net, tok, given, s, on_text=stream)
         sys.stdout.write("\n")
         return
-    for i, out in enumerate(run_generate(net, tok, texts, s)[0], 1):
+    for i, out in enumerate(run_generate(net, tok, given, s)[0], 1):
         console.print(f"[bold]--- {i}[/]")
-        print(texts[0] + out)
+        print(echo + out)
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -66,6 +66,8 @@ class Config(BaseModel):
     """Training data: 'wikitext', a hub dataset as name or name:config, or a .txt/.jsonl/.json/.csv/.parquet file or folder."""
     text_column: str = "text"
     """Column that holds the text in tabular data."""
+    data_format: Literal["auto", "text", "chat"] = "auto"
+    """chat: JSONL/tables with `messages` (role, content) or `prompt`/`response`, loss on responses only. auto: chat if those columns exist."""
     validation_data: str | None = None
     """Validation data, same forms as --data. Default: the dataset's validation split, else a held-out share."""
     validation_percent: float = Field(5.0, gt=0, lt=50)

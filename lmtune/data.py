@@ -23,7 +23,7 @@ log = logging.getLogger("lmtune")
 
 ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
 LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CACHE_VERSION = 1  # bump when the cached token format or the way documents are joined changes
+CACHE_VERSION = 2  # bump when the cached token format or the way documents are joined changes
 SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run compares on the same ones
 # Documents per tokenizer call: big enough for the Rust tokenizer's threads, small enough to report progress.
 CHUNK = 1000
@@ -33,11 +33,17 @@ Report = Callable[[dict[str, Any]], None]
 
 @dataclass
 class Split:
-    """One split as a single token stream: each document followed by EOS."""
+    """One split as a single token stream: each document followed by EOS.
+
+    Chat data adds `mask` and `starts`: its examples are scored and trained on one by one, and only
+    the response tokens count.
+    """
 
     ids: np.ndarray  # (N,) token ids, uint16 or int32
     documents: int
-    bytes: int  # UTF-8 bytes of the documents' text, for bits per byte
+    bytes: int  # UTF-8 bytes of the scored text (all of it; for chat, the responses), for bits per byte
+    mask: np.ndarray | None = None  # (N,) bool: True on response tokens (chat only)
+    starts: np.ndarray | None = None  # (documents + 1,) where each example starts in `ids`, then N (chat only)
 
 
 @dataclass
@@ -45,8 +51,9 @@ class Corpus:
     train: Split
     validation: Split
     validation_source: str  # where validation came from, said in the logs and the summary
-    empty_documents: int  # empty or blank documents skipped (they would only add EOS tokens)
+    empty_documents: int  # empty or blank documents (chat: conversations without a response) skipped
     cached: bool
+    format: str = "text"  # "text" or "chat"
 
 
 # --- reading documents ------------------------------------------------------------------------
@@ -90,6 +97,48 @@ def split_txt(text: str, mode: str) -> list[str]:
     return re.split(r"\n[ \t]*\n", text)
 
 
+Conversation = list[dict[str, str]]  # [{"role": "user", "content": "..."}, {"role": "assistant", ...}]
+Documents = Sequence[str | Conversation]  # texts, or (chat) conversations
+ROLES = ("system", "user", "assistant")
+
+
+def data_format(columns: list[str], cfg: Config, source: str) -> str:
+    """text or chat: chat when asked, or (auto) when the data has `messages` or `prompt` and `response` columns."""
+    has_chat = "messages" in columns or {"prompt", "response"} <= set(columns)
+    if cfg.data_format == "chat" and not has_chat:
+        raise LmtuneError(
+            f"{source} has no `messages` column and no `prompt` and `response` columns, which chat data needs; "
+            f"it has {', '.join(columns)}"
+        )
+    return "chat" if cfg.data_format == "chat" or (cfg.data_format == "auto" and has_chat) else "text"
+
+
+def column_documents(ds: Any, cfg: Config, source: str) -> Documents:
+    """The documents of a table: texts from --text-column, or conversations from chat columns."""
+    if data_format(ds.column_names, cfg, source) == "text":
+        return column_texts(ds, cfg.text_column, source)
+    if "messages" in ds.column_names:
+        return [check_conversation(m, source, row) for row, m in enumerate(ds["messages"], 1)]
+    return [
+        check_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}], source, row)
+        for row, (p, r) in enumerate(zip(ds["prompt"], ds["response"], strict=True), 1)
+    ]
+
+
+def check_conversation(messages: Any, source: str, row: int) -> Conversation:
+    """A list of {role, content} messages with known roles and text content, or a clear error naming the row."""
+    if not isinstance(messages, list) or not messages:
+        raise LmtuneError(f"{source} row {row}: `messages` must be a non-empty list of {{role, content}} objects")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str | None):
+            raise LmtuneError(
+                f"{source} row {row}: each message needs a role ({', '.join(ROLES)}) and text content, got {m!r:.80}"
+            )
+        out.append({"role": m["role"], "content": m["content"] or ""})
+    return out
+
+
 def column_texts(ds: Any, column: str, source: str) -> list[str]:
     if column not in ds.column_names:
         raise LmtuneError(f"{source} has no column `{column}`; it has {', '.join(ds.column_names)}. Pass --text-column")
@@ -129,8 +178,12 @@ def split_of(path: Path) -> str:
     return "train"
 
 
-def read_files(files: list[Path], spec: str, cfg: Config) -> list[str]:
+def read_files(files: list[Path], spec: str, cfg: Config) -> Documents:
     if files[0].suffix.lower() == ".txt":
+        if cfg.data_format == "chat":
+            raise LmtuneError(
+                f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`"
+            )
         docs: list[str] = []
         for f in files:
             try:
@@ -148,7 +201,7 @@ def read_files(files: list[Path], spec: str, cfg: Config) -> list[str]:
         cause = err.__cause__ or err
         first = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise LmtuneError(f"cannot read {spec}: {bad_jsonl_line(files) or first}") from None
-    return column_texts(ds, cfg.text_column, spec)
+    return column_documents(ds, cfg, spec)
 
 
 def bad_jsonl_line(files: list[Path]) -> str | None:
@@ -168,12 +221,12 @@ def bad_jsonl_line(files: list[Path]) -> str | None:
     return None
 
 
-def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
+def read_documents(spec: str, cfg: Config) -> dict[str, Documents]:
     """Documents by split name. A file is one split, 'train'; a folder's files named like
     validation/valid/val/dev or test form those splits; hub datasets have their own."""
     if not is_local(spec):
         ds = _hub_dataset(*hub_name(spec))
-        return {split: column_texts(ds[split], cfg.text_column, f"{spec} ({split})") for split in ds}
+        return {split: column_documents(ds[split], cfg, f"{spec} ({split})") for split in ds}
     files = local_files(spec)
     if len(files) == 1 and not Path(spec).expanduser().is_dir():
         return {"train": read_files(files, spec, cfg)}
@@ -183,7 +236,7 @@ def read_documents(spec: str, cfg: Config) -> dict[str, list[str]]:
     return {split: read_files(group, spec, cfg) for split, group in sorted(by_split.items())}
 
 
-def train_split(splits: dict[str, list[str]], spec: str) -> list[str]:
+def train_split(splits: dict[str, Documents], spec: str) -> Documents:
     if "train" not in splits:
         raise LmtuneError(f"{spec} has only {' and '.join(splits)} data; training needs a `train` split or file")
     return splits["train"]
@@ -205,7 +258,8 @@ def identity(spec: str | None) -> Any:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
+    template = getattr(tokenizer, "chat_template", None)  # decides how chat data is written
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}|{template}".encode()).hexdigest()
 
 
 def tokenize(docs: Sequence[str], tokenizer: Any, report: Report, what: str) -> list[np.ndarray]:
@@ -232,8 +286,109 @@ def token_dtype(tokenizer: Any) -> Any:
     return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
 
 
-def to_split(texts: Sequence[str], tokens: list[np.ndarray], eos: int, dtype: Any) -> Split:
-    return Split(join(tokens, eos, dtype), len(texts), sum(len(t.encode("utf-8")) for t in texts))
+# --- chat data ------------------------------------------------------------------------------------
+
+# lmtune's chat template, for tokenizers without one (GPT-2's): plain headings a base model picks up
+# fast. Each response ends with EOS, so the fine-tuned model learns to stop. (Changing it: bump CACHE_VERSION.)
+SIMPLE_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    """The tokenizer's own chat template, or lmtune's simple one; saved with the tokenizer in the run folder."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = SIMPLE_TEMPLATE
+
+
+def render(tokenizer: Any, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the chat template writes it, and the character spans of the responses in it.
+
+    A response's span is what rendering it adds to the conversation before it plus the generation prompt,
+    so the template's own end-of-turn marks count as part of the response, and the headings do not.
+    """
+
+    def text(msgs: Conversation, prompt: bool = False) -> str:
+        out: str = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+        return out
+
+    full = text(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = text(messages[:i], prompt=True) if i else ""
+        upto = text(messages[: i + 1])
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise LmtuneError(
+                "the tokenizer's chat template writes a conversation's earlier turns differently once later turns "
+                "follow, so lmtune cannot tell which tokens are the responses; pass a --tokenizer without one"
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def has_text(doc: str | Conversation) -> bool:
+    """A document worth training on: text that is not blank; a conversation with a non-blank response."""
+    if isinstance(doc, str):
+        return bool(doc.strip())
+    return any(m["role"] == "assistant" and m["content"].strip() for m in doc)
+
+
+@dataclass
+class Encoded:
+    """Documents tokenized one by one; chat ones with their response masks, each ending in EOS."""
+
+    ids: list[np.ndarray]
+    masks: list[np.ndarray] | None  # chat only: True on response tokens
+    nbytes: list[int]  # UTF-8 bytes of the scored text of each document
+
+    def split(self, idx: Sequence[int], eos: int, dtype: Any) -> Split:
+        nbytes = sum(self.nbytes[i] for i in idx)
+        if self.masks is None:
+            return Split(join([self.ids[i] for i in idx], eos, dtype), len(idx), nbytes)
+        ids = [self.ids[i] for i in idx]
+        starts = np.cumsum([0, *map(len, ids)]).astype(np.int64)
+        mask = np.concatenate([self.masks[i] for i in idx]) if ids else np.zeros(0, dtype=bool)
+        stream = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype=dtype)
+        return Split(stream, len(idx), nbytes, mask, starts)
+
+
+def encode(docs: Documents, tokenizer: Any, report: Report, what: str) -> Encoded:
+    """Token ids of each document (texts), or of each conversation with its response mask (chat)."""
+    if not docs or isinstance(docs[0], str):
+        texts = [d for d in docs if isinstance(d, str)]
+        return Encoded(tokenize(texts, tokenizer, report, what), None, [len(t.encode("utf-8")) for t in texts])
+    ensure_chat_template(tokenizer)
+    out = Encoded([], [], [])
+    assert out.masks is not None
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(docs), CHUNK):
+        rendered = [render(tokenizer, c) for c in docs[start : start + CHUNK] if not isinstance(c, str)]
+        try:
+            enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise LmtuneError("chat data needs a fast tokenizer (one with tokenizer.json)") from None
+        for (text, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+            ids_arr = np.asarray(ids, dtype=np.int64)
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (tokens, 2) character spans
+            mask = np.zeros(len(ids_arr), dtype=bool)
+            for a, b in spans:  # a token is a response token if its characters overlap a response
+                mask |= (off[:, 0] < b) & (off[:, 1] > a)
+            if spans and spans[-1][1] == len(text) and (not len(ids_arr) or ids_arr[-1] != eos):
+                # The conversation ends with a response the template did not end with EOS: add it, so
+                # the model learns to stop.
+                ids_arr, mask = np.append(ids_arr, eos), np.append(mask, True)
+            out.ids.append(ids_arr)
+            out.masks.append(mask)
+            out.nbytes.append(sum(len(text[a:b].encode("utf-8")) for a, b in spans))
+        report({"event": "phase", "phase": f"tokenizing {what}", "done": start + len(rendered), "total": len(docs)})
+    return out
 
 
 def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
@@ -248,39 +403,45 @@ def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
     else:
         val_texts, source = None, f"{cfg.validation_percent:g}% of the documents of {cfg.data}, held out"
 
-    kept = [t for t in texts if t.strip()]
+    chat = bool(texts) and not isinstance(texts[0], str)
+    kept = [t for t in texts if has_text(t)]
     empty = len(texts) - len(kept)
     if not kept:
-        raise LmtuneError(f"{cfg.data} holds no text (0 non-empty documents)")
+        what = "0 conversations with a response" if chat else "0 non-empty documents"
+        raise LmtuneError(f"{cfg.data} holds no text ({what})")
     eos, dtype = tokenizer.eos_token_id, token_dtype(tokenizer)
-    tokens = tokenize(kept, tokenizer, report, "training data")
+    enc = encode(kept, tokenizer, report, "training data")
+    everything = range(len(kept))
 
     if val_texts is not None:
-        val_kept = [t for t in val_texts if t.strip()]
-        train = to_split(kept, tokens, eos, dtype)
-        validation = to_split(val_kept, tokenize(val_kept, tokenizer, report, "validation data"), eos, dtype)
+        if val_texts and isinstance(val_texts[0], str) == chat:
+            kinds = ("chat", "plain text") if chat else ("plain text", "chat")
+            raise LmtuneError(f"the training data is {kinds[0]} but the validation data ({source}) is {kinds[1]}")
+        val_kept = [t for t in val_texts if has_text(t)]
+        train = enc.split(everything, eos, dtype)
+        validation = encode(val_kept, tokenizer, report, "validation data").split(range(len(val_kept)), eos, dtype)
     elif len(kept) >= 2:
         order = np.random.default_rng(SPLIT_SEED).permutation(len(kept))
         n_val = max(1, round(len(kept) * cfg.validation_percent / 100))
         held = set(order[:n_val].tolist())
-        train_idx = [i for i in range(len(kept)) if i not in held]
-        val_idx = sorted(held)
-        train = to_split([kept[i] for i in train_idx], [tokens[i] for i in train_idx], eos, dtype)
-        validation = to_split([kept[i] for i in val_idx], [tokens[i] for i in val_idx], eos, dtype)
+        train = enc.split([i for i in everything if i not in held], eos, dtype)
+        validation = enc.split(sorted(held), eos, dtype)
+    elif chat:
+        raise LmtuneError(f"{cfg.data} holds one conversation; pass --validation-data or more conversations")
     else:
         # One document (a single file read whole): hold out its last tokens instead.
-        stream = join(tokens, eos, dtype)
+        stream = join(enc.ids, eos, dtype)
         cut = len(stream) - max(1, round(len(stream) * cfg.validation_percent / 100))
-        nbytes = len(kept[0].encode("utf-8"))
+        nbytes = enc.nbytes[0]
         train = Split(stream[:cut], 1, round(nbytes * cut / len(stream)))
         validation = Split(stream[cut:], 1, nbytes - train.bytes)
         source = f"the last {cfg.validation_percent:g}% of the tokens of {cfg.data}, held out"
     if validation.documents == 0:
         raise LmtuneError(f"validation data from {source} holds no text")
-    return Corpus(train, validation, source, empty, cached=False)
+    return Corpus(train, validation, source, empty, cached=False, format="chat" if chat else "text")
 
 
-def eval_documents(spec: str, cfg: Config) -> list[str]:
+def eval_documents(spec: str, cfg: Config) -> Documents:
     """The documents to evaluate on: a file whole; a folder's or hub dataset's validation (else test) split."""
     splits = read_documents(spec, cfg)
     for name in ("validation", "test", "train"):
@@ -290,7 +451,11 @@ def eval_documents(spec: str, cfg: Config) -> list[str]:
 
 
 def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
-    """Tokenized train and validation streams, from the cache when nothing that changes them changed."""
+    """Tokenized train and validation streams, from the cache when nothing that changes them changed.
+
+    Chat data sets the tokenizer's chat template when it has none (lmtune's SIMPLE_TEMPLATE, a constant:
+    the key holds the tokenizer as it was).
+    """
     key_parts = [
         CACHE_VERSION,
         identity(cfg.data),
@@ -298,31 +463,47 @@ def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
         cfg.text_column,
         cfg.txt_documents,
         cfg.validation_percent,
+        cfg.data_format,
         tokenizer_fingerprint(tokenizer),
     ]
     key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
     folder = home() / "tokens" / key
     if (folder / "meta.json").is_file():
         stored = json.loads((folder / "meta.json").read_text())
+        chat = stored["format"] == "chat"
+        if chat:
+            ensure_chat_template(tokenizer)
         splits = {
             name: Split(
-                np.load(folder / f"{name}.npy", mmap_mode="r"), stored[name]["documents"], stored[name]["bytes"]
+                np.load(folder / f"{name}.npy", mmap_mode="r"),
+                stored[name]["documents"],
+                stored[name]["bytes"],
+                np.load(folder / f"{name}.mask.npy") if chat else None,
+                np.load(folder / f"{name}.starts.npy") if chat else None,
             )
             for name in ("train", "validation")
         }
         log.info("tokenized data from cache %s", folder)
         return Corpus(
-            splits["train"], splits["validation"], stored["validation_source"], stored["empty_documents"], True
-        )
+            splits["train"], splits["validation"], stored["validation_source"], stored["empty_documents"], True,
+            stored["format"],
+        )  # fmt: skip
 
     corpus = build_corpus(cfg, tokenizer, report)
     # Written to a temporary folder and renamed, so a crash never leaves a cache entry half-written.
     tmp = folder.with_name(key + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"validation_source": corpus.validation_source, "empty_documents": corpus.empty_documents}
+    meta: dict[str, Any] = {
+        "validation_source": corpus.validation_source,
+        "empty_documents": corpus.empty_documents,
+        "format": corpus.format,
+    }
     for name, split in (("train", corpus.train), ("validation", corpus.validation)):
         np.save(tmp / f"{name}.npy", split.ids)
+        if split.mask is not None and split.starts is not None:
+            np.save(tmp / f"{name}.mask.npy", split.mask)
+            np.save(tmp / f"{name}.starts.npy", split.starts)
         meta[name] = {"documents": split.documents, "bytes": split.bytes, "tokens": len(split.ids)}
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(folder, ignore_errors=True)
@@ -331,12 +512,12 @@ def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
 
 
 def eval_split(spec: str, cfg: Config, tokenizer: Any, report: Report) -> Split:
-    """Any data as one evaluation stream, tokenized with `tokenizer` (not cached: eval reads it once)."""
+    """Any data as one evaluation split, tokenized with `tokenizer` (not cached: eval reads it once)."""
     report({"event": "phase", "phase": f"reading {spec}"})
-    texts = [t for t in eval_documents(spec, cfg) if t.strip()]
-    if not texts:
+    docs = [d for d in eval_documents(spec, cfg) if has_text(d)]
+    if not docs:
         raise LmtuneError(f"{spec} holds no text (0 non-empty documents)")
-    return to_split(texts, tokenize(texts, tokenizer, report, spec), tokenizer.eos_token_id, token_dtype(tokenizer))
+    return encode(docs, tokenizer, report, spec).split(range(len(docs)), tokenizer.eos_token_id, token_dtype(tokenizer))
 
 
 # --- packing -----------------------------------------------------------------------------------------

@@ -46,10 +46,7 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
             "training tokens",
             f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else ""),
         ),
-        (
-            "blocks",
-            f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end",
-        ),
+        data_row(plan),
         (
             "validation",
             f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} documents: {plan['validation']}",
@@ -67,6 +64,19 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", str(v))
     return t
+
+
+def data_row(plan: dict[str, Any]) -> tuple[str, str]:
+    """How the training data is cut: packed blocks of text, or one conversation per row."""
+    if plan["data_format"] != "chat":
+        return "blocks", (
+            f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"
+        )
+    return "conversations", (
+        f"{plan['blocks']:,}, one per row, up to {plan['block_size']} tokens; {plan['examples_truncated']:,} cut "
+        f"short ({plan['tokens_dropped']:,} tokens), {plan['examples_skipped']:,} skipped (no response left); "
+        "loss on responses only"
+    )
 
 
 def trainable_row(plan: dict[str, Any]) -> str:

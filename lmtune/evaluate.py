@@ -6,6 +6,7 @@ The same function scores validation during training and in `lmtune eval`, so the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -89,10 +90,19 @@ def score(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     report: Report = lambda e: None,
 ) -> Score:
-    """Score `split` with `model`. Across processes each takes every world-th window; `reduce` sums."""
+    """Score `split` with `model`. Across processes each takes every world-th window; `reduce` sums.
+
+    Chat splits are scored one conversation per window (cut to `context`), on their response tokens only.
+    """
     device = next(model.parameters()).device
     ids = torch.from_numpy(np.asarray(split.ids, dtype=np.int64))
-    mine = windows(len(ids), context, stride)[rank::world]
+    chat = split.mask is not None and split.starts is not None
+    if split.mask is not None and split.starts is not None:
+        rows = [(s, min(e, s + context), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
+        response = torch.from_numpy(np.asarray(split.mask, dtype=bool))
+    else:
+        rows = windows(len(ids), context, stride)
+    mine = rows[rank::world]
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     chunked = loss.supported(model)
@@ -106,6 +116,8 @@ def score(
         for row, (start, end, first) in enumerate(batch):
             inputs[row, : end - start] = ids[start:end]
             labels[row, first - start : end - start] = ids[first:end]
+            if chat:
+                labels[row, : end - start].masked_fill_(~response[start:end], loss.IGNORE)
         inputs, labels = inputs.to(device), labels.to(device)
         targets = labels[:, 1:].flatten()  # position t predicts token t+1
         with autocast():  # causal, so right padding changes nothing before it
@@ -114,7 +126,9 @@ def score(
         report({"event": "phase", "phase": "evaluating", "done": min(b + batch_size, len(mine)), "total": len(mine)})
     model.train(was_training)
     nll, count = reduce(nll), reduce(count)
-    return Score(int(count.item()), float(nll.item()), len(ids), split.bytes)
+    # Bits per byte relate the scored tokens to the bytes of their text: all of it, or (chat) the responses.
+    stream_tokens = int(response.sum()) if chat else len(ids)
+    return Score(int(count.item()), float(nll.item()), stream_tokens, split.bytes)
 
 
 def describe(tokenizer: Any, context: int, stride: int) -> str:

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import TextStreamer
 
 from lmtune import lora
+from lmtune.config import validate
+from lmtune.data import ensure_chat_template
 from lmtune.model import load_pretrained, load_tokenizer
+
+
+def trained_on_chat(model: str) -> bool:
+    """Whether a run folder (or checkpoint, or merged model) was trained on chat data, as its config says."""
+    folder = Path(model).expanduser()
+    if (folder / "config.yaml").is_file():
+        values = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    elif (folder / "state.json").is_file():  # a checkpoint
+        values = json.loads((folder / "state.json").read_text())["config"]
+    else:
+        return False
+    return validate(values, source=str(folder)).data_format == "chat"
+
+
+def as_chat(tokenizer: Any, prompt: str) -> str:
+    """The prompt as a user turn in the chat template training used (saved with the tokenizer), ready for the answer."""
+    ensure_chat_template(tokenizer)
+    text: str = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return text
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,46 @@ class Blocks(Dataset):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.blocks[i].astype(np.int64))
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.from_numpy(self.blocks[i].astype(np.int64))
+        return ids, ids  # (inputs, labels): every token is a target
+
+
+class Examples(Dataset):
+    """Chat examples, one per row, cut to the block size; labels are IGNORE outside the responses."""
+
+    def __init__(self, split: data.Split, block: int):
+        assert split.starts is not None and split.mask is not None, "chat splits only"
+        self.ids, self.mask = split.ids, split.mask
+        whole = list(itertools.pairwise(split.starts.tolist()))
+        rows = [(s, min(e, s + block)) for s, e in whole]
+        self.truncated = sum(e - s > block for s, e in whole)
+        self.dropped = sum(max(0, e - s - block) for s, e in whole)  # tokens cut off
+        # A row is kept if a response token is left to predict after the cut (position 0 predicts nothing).
+        self.rows = [(s, e) for s, e in rows if self.mask[s + 1 : e].any()]
+        self.skipped = len(rows) - len(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = self.rows[i]
+        ids = torch.from_numpy(np.asarray(self.ids[s:e], dtype=np.int64))
+        return ids, ids.masked_fill(~torch.from_numpy(np.asarray(self.mask[s:e])), loss.IGNORE)
+
+
+def pad_batch(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(B, T) inputs and labels right-padded to the longest row, and the real (unpadded) token count.
+
+    Padding is never a target, and in a causal model no earlier position attends to it.
+    """
+    length = max(len(ids) for ids, _ in rows)
+    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), loss.IGNORE, dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        inputs[r, : len(ids)] = ids
+        labels[r, : len(lab)] = lab
+    return inputs, labels, sum(len(ids) for ids, _ in rows)
 
 
 # --- preparation ------------------------------------------------------------------------------------
@@ -84,7 +124,8 @@ def get_tokenizer(cfg: Config, report: Report) -> Any:
     if not folder.is_dir():
         report({"event": "phase", "phase": "training a tokenizer"})
         assert cfg.data, "checked by the caller"
-        texts = data.train_split(data.read_documents(cfg.data, cfg), cfg.data)
+        docs = data.train_split(data.read_documents(cfg.data, cfg), cfg.data)
+        texts = [d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in docs]
         # Trained on the training split; when validation is held out of it later, its documents were
         # seen by the tokenizer (only the vocabulary, never the model), as in most from-scratch recipes.
         tok = train_tokenizer(texts, cfg.vocab_size)
@@ -185,16 +226,29 @@ def finetune(
     if cfg.lora:  # the base stays frozen; a new adapter trains, or the checkpoint's when resuming
         model = lora.add_adapter(model, cfg, resume_from)
     block = resolve_block_size(cfg.block_size, model)
-    blocks, dropped = data.pack(corpus.train.ids, block)
-    if len(blocks) == 0:
-        raise LmtuneError(
-            f"the training data has {len(corpus.train.ids)} tokens, fewer than one block of {block}; "
-            "pass a smaller --block-size or more data"
-        )
+    cfg = cfg.model_copy(update={"data_format": corpus.format})  # what auto found, saved in config.yaml
+    dataset: Blocks | Examples
+    if corpus.format == "chat":
+        # One conversation per row, padded per batch: packing several would let one attend to another.
+        dataset = Examples(corpus.train, block)
+        if len(dataset) == 0:
+            raise LmtuneError(f"no training conversation has a response within --block-size {block}; pass a larger one")
+        dropped, truncated, skipped = dataset.dropped, dataset.truncated, dataset.skipped
+    else:
+        blocks, dropped = data.pack(corpus.train.ids, block)
+        if len(blocks) == 0:
+            raise LmtuneError(
+                f"the training data has {len(corpus.train.ids)} tokens, fewer than one block of {block}; "
+                "pass a smaller --block-size or more data"
+            )
+        dataset = Blocks(blocks)
+        truncated = skipped = 0
     if len(corpus.validation.ids) < 2:
         raise LmtuneError("the validation data is shorter than 2 tokens; pass more --validation-data")
 
-    loader = DataLoader(Blocks(blocks), batch_size=cfg.batch_size, shuffle=True)
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    )
     # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     # The chunked loss reads the output weights outside the model's forward, which sharded models
@@ -231,9 +285,12 @@ def finetune(
         "documents": corpus.train.documents,
         "empty_documents": corpus.empty_documents,
         "train_tokens_available": len(corpus.train.ids),
+        "data_format": corpus.format,
         "block_size": block,
-        "blocks": len(blocks),
-        "tokens_dropped": dropped,
+        "blocks": len(dataset),  # chat: conversations, one per row
+        "tokens_dropped": dropped,  # chat: cut from conversations longer than the block size
+        "examples_truncated": truncated,
+        "examples_skipped": skipped,  # chat: no response token left within the block
         "validation": corpus.validation_source,
         "validation_documents": corpus.validation.documents,
         "validation_tokens": len(corpus.validation.ids),
@@ -296,7 +353,8 @@ def finetune(
 
     def save_checkpoint(state: dict[str, Any]) -> Path | None:
         """Every process's RNG and loss sum plus the shared state, written aside and renamed when complete."""
-        processes = gather_object([{"rng": checkpoint.rng_state(), "loss_sum": loss_sum.item()}])
+        mine = {"rng": checkpoint.rng_state(), "loss_sum": loss_sum.item(), "loss_tokens": loss_tokens.item()}
+        processes = gather_object([mine])
         accelerator.wait_for_everyone()
         if not main:
             return None
@@ -318,16 +376,17 @@ def finetune(
     step, tokens_seen, train_seconds = 0, 0, 0.0
     start_epoch, skip = 0, 0  # where the data starts: an epoch, and micro-batches already done in it
     loss_sum = torch.zeros((), device=accelerator.device)  # token-weighted, summed on device between logs
-    loss_tokens = 0
+    loss_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # the label tokens it sums over
     bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # first non-finite step; 0: none
     rng = None  # a resumed run's random states, restored right before its first step
     if saved:
         optimizer.load_state_dict(tensors["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step, tokens_seen, train_seconds = saved["step"], saved["tokens_seen"], saved["train_seconds"]
-        start_epoch, skip, loss_tokens = saved["epoch"], saved["batch_in_epoch"], saved["loss_tokens"]
+        start_epoch, skip = saved["epoch"], saved["batch_in_epoch"]
         mine = tensors["processes"][accelerator.process_index]
         loss_sum.fill_(mine["loss_sum"])
+        loss_tokens.fill_(mine["loss_tokens"])
         rng = mine["rng"]
         if skip >= len(loader):
             start_epoch, skip = start_epoch + 1, 0
@@ -344,13 +403,13 @@ def finetune(
             # Resuming mid-epoch: the same order, `skip` batches in; skipped batches are never loaded.
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             batch_in_epoch, skip = skip, 0
-            for batch in batches:  # (B, T) token ids
+            for inputs, labels, real_tokens in batches:  # (B, T) token ids, (B, T) targets or IGNORE
                 if rng is not None:
                     checkpoint.set_rng_state(rng)
                     rng = None
                 # forward and backward; accelerate sums micro-batches and syncs on the last one
                 with accelerator.accumulate(model):
-                    batch_loss = next_token_loss(model, head, batch, chunked, accelerator)
+                    batch_loss, n_labels = next_token_loss(model, head, inputs, labels, chunked, accelerator)
                     accelerator.backward(batch_loss)
                     finite = torch.isfinite(batch_loss.detach())
                     if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -359,12 +418,11 @@ def finetune(
                     optimizer.zero_grad(set_to_none=True)
                 bad_step = torch.where((bad_step == 0) & ~finite, step + 1, bad_step)  # on device: no sync
                 batch_in_epoch += 1
-                # Every process gets batches of the same shape (accelerate's even_batches), so one
-                # process's counts times num_processes are the totals.
-                n_labels = batch.shape[0] * (batch.shape[1] - 1)
                 loss_sum += batch_loss.detach() * n_labels
                 loss_tokens += n_labels
-                tokens_seen += batch.numel() * accelerator.num_processes
+                # Every process gets as many batches (accelerate's even_batches); of packed text, of the
+                # same shape, so this is exact; of chat data, padded per batch, it is this process's share.
+                tokens_seen += real_tokens * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
@@ -374,7 +432,7 @@ def finetune(
                 # log: the only host-device sync of a training step, once every log_every steps
                 if step % cfg.log_every == 0 or step == total_steps:
                     check_finite(bad_step)
-                    mean = (accelerator.reduce(loss_sum, "sum") / (loss_tokens * accelerator.num_processes)).item()
+                    mean = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_tokens, "sum")).item()
                     train_seconds += time.perf_counter() - tick
                     tick = time.perf_counter()
                     record({
@@ -383,7 +441,7 @@ def finetune(
                         "tokens_per_second": tokens_seen / train_seconds, "elapsed": train_seconds,
                     })  # fmt: skip
                     loss_sum.zero_()
-                    loss_tokens = 0
+                    loss_tokens.zero_()
 
                 # evaluate and checkpoint (not counted as training time); a signal saves one at once
                 stopping = stop.requested(accelerator)
@@ -396,7 +454,7 @@ def finetune(
                     train_seconds += time.perf_counter() - tick
                     saved_to = save_checkpoint({
                         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens_seen": tokens_seen,
-                        "train_seconds": train_seconds, "loss_tokens": loss_tokens, "scheduler": scheduler.state_dict(),
+                        "train_seconds": train_seconds, "scheduler": scheduler.state_dict(),
                         "base": asdict(base), "processes": accelerator.num_processes,
                         "config": cfg.model_dump(exclude={"output"}),
                     })  # fmt: skip
@@ -522,22 +580,29 @@ def find_resume_checkpoint(output: Path, report: Report) -> Path:
     return found[-1]
 
 
-def next_token_loss(model: Any, head: Any, batch: torch.Tensor, chunked: bool, accelerator: Any) -> torch.Tensor:
-    """Mean next-token NLL over the B*(T-1) label tokens of a batch of packed blocks (B, T)."""
+def next_token_loss(
+    model: Any, head: Any, inputs: torch.Tensor, labels: torch.Tensor, chunked: bool, accelerator: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token NLL over the label tokens of a batch (B, T), and how many there are (on device, no sync).
+
+    Position t predicts labels[t + 1]; IGNORE labels (chat prompts, padding) are not counted.
+    """
+    targets = labels[:, 1:].flatten()
+    count = (targets != loss.IGNORE).sum()
     with accelerator.autocast():
-        total = loss.next_token_nll(model, head, batch, batch[:, 1:].flatten(), chunked)
-    return total / (batch.shape[0] * (batch.shape[1] - 1))
+        total = loss.next_token_nll(model, head, inputs, targets, chunked)
+    return total / count.clamp(min=1), count
 
 
 def estimate_seconds(
     model: Any, head: Any, chunked: bool, loader: Any, accelerator: Any, cfg: Config, total_steps: int
 ) -> float:
     """Time a few forward/backward passes (weights untouched: no optimizer step) and scale to the run."""
-    batch = next(iter(loader))
+    inputs, labels, _ = next(iter(loader))
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        accelerator.backward(next_token_loss(model, head, batch, chunked, accelerator))
+        accelerator.backward(next_token_loss(model, head, inputs, labels, chunked, accelerator)[0])
         timings.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     # The first pass warms caches and allocators, so it is left out.

@@ -7,7 +7,8 @@ from rich.console import Console
 from lmtune.display import Display
 
 PLAN = {
-    "model": "m", "parameters": 1000, "documents": 10, "empty_documents": 0, "train_tokens_available": 500,
+    "model": "m", "parameters": 1000, "trainable_parameters": 1000, "documents": 10, "empty_documents": 0,
+    "train_tokens_available": 500, "data_format": "text",
     "data_from_cache": False, "blocks": 3, "block_size": 128, "tokens_dropped": 116, "validation_tokens": 50,
     "validation_documents": 1, "validation": "held out", "steps_per_epoch": 3, "epochs": 1, "total_steps": 3,
     "tokens_per_step": 128, "processes": 1, "mixed_precision": "no", "output": "runs/x",
