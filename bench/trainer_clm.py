@@ -4,8 +4,8 @@ Text files loaded with `datasets.load_dataset("text")` (one example per line), t
 `datasets.map(batched=True)`, concatenated and cut into blocks (`group_texts`), labels = input ids,
 `default_data_collator`, `Trainer.train()`. One deviation, so both tools train on the same token stream:
 each non-empty line ends with the EOS token, as lmtune joins documents with it (run_clm joins lines with
-nothing). Everything not given on the command line is the Trainer's default (fused AdamW, fp32 on a
-CPU unless --bf16). Prints one JSON line of figures.
+nothing). Everything not given on the command line is the Trainer's default (fused AdamW, fp32 unless
+--bf16, on a CPU or a GPU). Prints one JSON line of figures (and the peak GPU memory allocated, on a GPU).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
 
+    import torch
     from datasets import load_dataset
     from transformers import (
         AutoModelForCausalLM,
@@ -88,6 +89,7 @@ def main() -> None:
         warmup_steps=a.warmup_steps,
         weight_decay=a.weight_decay,
         bf16=a.bf16,
+        use_cpu=not torch.cuda.is_available(),  # said outright, else --bf16 without a GPU is refused
         seed=a.seed,
         logging_steps=10,
         save_strategy="no",
@@ -114,6 +116,8 @@ def main() -> None:
         "train_loss": metrics["train_loss"],
         "step_seconds": [b - a for a, b in pairwise(times.ends)],
     }
+    if torch.cuda.is_available():  # what PyTorch allocated at most, as lmtune's summary.json reports it
+        figures["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(figures))
 
 
