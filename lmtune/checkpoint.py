@@ -1,7 +1,8 @@
 """Checkpoints a run continues from exactly: written beside their final place, marked complete last, renamed.
 
 A checkpoint folder `checkpoints/step-NNNNNNN/` is a model folder (`from_pretrained` loads it) plus:
-- `training_state.pt`: optimizer state and each process's RNG states, tensors and plain values only,
+- `training_state.pt`: optimizer state (under FSDP gathered whole, keyed by parameter name) and each
+  process's RNG states, tensors and plain values only,
   read back with `torch.load(weights_only=True)` (no pickled objects);
 - `state.json`: step counters, the data position, the scheduler, the config and the library versions;
 - `COMPLETE`, written last. A folder without it, or a `.step-*.tmp` folder, was cut short and is ignored.
@@ -83,13 +84,41 @@ def begin(root: Path, step: int) -> Path:
 
 
 def write(
-    tmp: Path, model: Any, tokenizer: Any, optimizer: Any, processes: list[dict[str, Any]], state: dict[str, Any]
+    tmp: Path,
+    model: Any,
+    weights: dict[str, Any],
+    tokenizer: Any,
+    optimizer_state: dict[str, Any],
+    processes: list[dict[str, Any]],
+    state: dict[str, Any],
 ) -> None:
-    """Everything but the completion mark (main process only; `processes`: each one's RNG states and loss sum)."""
-    model.save_pretrained(tmp)
+    """Everything but the completion mark (main process only). weights, optimizer_state: whole state
+    dicts, gathered by every process under FSDP; processes: each one's RNG states and loss sum."""
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "processes": processes}, tmp / TENSORS)
+    torch.save({"optimizer": optimizer_state, "processes": processes}, tmp / TENSORS)
     (tmp / STATE).write_text(json.dumps({**state, "versions": versions()}, indent=2) + "\n")
+
+
+def optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, Any]:
+    """The optimizer's whole state. Under FSDP each process holds a shard of it: every process must call
+    this, torch gathers the state (keyed by parameter name) and the main process gets it, the others {}."""
+    if not fsdp:
+        return dict(optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return dict(get_optimizer_state_dict(model, optimizer.optimizer, options=options))
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], fsdp: bool) -> None:
+    """Restore what `optimizer_state` returned; under FSDP each process keeps its own shard of it."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def commit(tmp: Path, root: Path, step: int, keep: int) -> Path:

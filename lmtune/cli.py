@@ -383,48 +383,64 @@ def recipes_copy(
     console.print(f"copied {name} to {target}; run it with: lmtune finetune --recipe {target}")
 
 
-def cpu_processes_requested() -> int:
-    """N, when `accelerate launch --cpu --num_processes N` started only this one process.
+def cpu_processes_requested() -> tuple[int, int, int]:
+    """(processes in all, machines, this machine's rank) when `accelerate launch --cpu` started only this
+    one process; (1, 1, 0) otherwise.
 
     accelerate's simple launcher runs a single process for --cpu (huggingface/accelerate#2741). It
-    exports MASTER_ADDR only when N > 1 and sets no rank variables; N itself is on its command line.
+    exports MASTER_ADDR only when asked for several processes or machines and sets no rank variables;
+    the numbers are on its command line, or in the --config_file it was given.
     """
     env = os.environ
     if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
-        return 1
+        return 1, 1, 0
     if any(k in env for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
-        return 1  # already one of several processes
+        return 1, 1, 0  # already one of several processes
     try:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except OSError:
-        return 1
-    for i, arg in enumerate(parent):
-        name, _, value = arg.partition("=")  # --num_processes 2 or --num_processes=2
-        if name in ("--num_processes", "--num-processes"):
-            value = value or (parent[i + 1] if i + 1 < len(parent) else "")
-            if value.isdigit():
-                return int(value)
-    return 1
+        return 1, 1, 0
+    # `accelerate launch ARGS` or `python -m accelerate.commands.launch ARGS`
+    start = next((i + 1 for i, a in enumerate(parent) if a in ("launch", "accelerate.commands.launch")), None)
+    if start is None:
+        return 1, 1, 0
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    # The launcher's arguments read by its own parser. As in accelerate, a flag wins over the config file,
+    # and the default one (`accelerate config`) is read only without --cpu.
+    args, _ = launch_command_parser().parse_known_args(parent[start:])
+    if args.config_file is None and not args.cpu and Path(default_config_file).is_file():
+        args.config_file = default_config_file
+    saved = load_config_from_file(args.config_file) if args.config_file else None
+
+    def setting(name: str, default: int) -> int:
+        value = getattr(args, name)
+        return int(value if value is not None else getattr(saved, name, None) or default)
+
+    return setting("num_processes", 1), setting("num_machines", 1), setting("machine_rank", 0)
 
 
-def launch_cpu_processes(n: int, argv: list[str]) -> int:
-    """Start the n CPU processes accelerate was asked for, with torch's own launcher (torchrun)."""
+def launch_cpu_processes(processes: int, machines: int, rank: int, argv: list[str]) -> int:
+    """Start this machine's share of the CPU processes accelerate was asked for (`processes` counts all
+    machines', as accelerate's --num_processes does), with torch's own launcher (torchrun)."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}  # share the cores
+    here = max(1, processes // machines)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // here))}  # share the cores
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-        f"--master-addr={env['MASTER_ADDR']}", f"--master-port={env.get('MASTER_PORT', '29500')}",
-        "-m", "lmtune", *argv,
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}", f"--node-rank={rank}",
+        f"--nproc-per-node={here}", f"--master-addr={env['MASTER_ADDR']}",
+        f"--master-port={env.get('MASTER_PORT', '29500')}", "-m", "lmtune", *argv,
     ]  # fmt: skip
     return subprocess.call(cmd, env=env)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns known problems into one red line and exit code 1."""
-    n = cpu_processes_requested()
-    if n > 1:
-        sys.exit(launch_cpu_processes(n, sys.argv[1:] if argv is None else argv))
+    processes, machines, rank = cpu_processes_requested()
+    if processes > 1 or machines > 1:
+        sys.exit(launch_cpu_processes(processes, machines, rank, sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="lmtune")
     except LmtuneError as err:

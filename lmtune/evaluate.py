@@ -89,23 +89,29 @@ def score(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     report: Report = lambda e: None,
+    chunked: bool = True,
 ) -> Score:
     """Score `split` with `model`. Across processes each takes every world-th window; `reduce` sums.
 
     Chat splits are scored one conversation per window (cut to `context`), on their response tokens only.
+    chunked=False: always the full logits (a sharded model's output weights cannot be read outside forward).
     """
     device = next(model.parameters()).device
     ids = torch.from_numpy(np.asarray(split.ids, dtype=np.int64))
     chat = split.mask is not None and split.starts is not None
     if split.mask is not None and split.starts is not None:
-        rows = [(s, min(e, s + context), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
+        every = [(s, min(e, s + context), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
         response = torch.from_numpy(np.asarray(split.mask, dtype=bool))
     else:
-        rows = windows(len(ids), context, stride)
-    mine = rows[rank::world]
+        every = windows(len(ids), context, stride)
+    mine = every[rank::world]
+    # Under FSDP each forward gathers the weights from all processes, so every process runs as many
+    # batches: the ones with a window less get a copy of the first window that scores nothing.
+    start, end, _ = every[0]
+    mine += [(start, end, end)] * (math.ceil(len(every) / world) - len(mine))
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
-    chunked = loss.supported(model)
+    chunked = chunked and loss.supported(model)
     head = model.get_output_embeddings()
     was_training = model.training
     model.eval()

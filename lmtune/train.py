@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -145,16 +146,30 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     ]
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    """Model (safetensors) and tokenizer into `folder`, written beside it first so no half-written model is seen."""
+def save_model(model: Any, weights: dict[str, Any], tokenizer: Any, folder: Path) -> None:
+    """Model (safetensors) with `weights` (its whole state dict) and tokenizer into `folder`, written beside
+    it first so no half-written model is seen."""
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     folder.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
         f.replace(folder / f.name)
     tmp.rmdir()
+
+
+def whole_weights(accelerator: Any, model: Any) -> dict[str, Any]:
+    """The prepared model's full state dict; every process must call it (under FSDP the main process gets
+    the weights gathered from all, the others {})."""
+    weights = accelerator.get_state_dict(model)
+    # Gathered weights are copies, tied ones too (GPT-2's output layer is its input embedding); made one
+    # tensor again, save_pretrained writes them once, as without FSDP.
+    first: dict[int, str] = {}
+    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if name in weights:
+            weights[name] = weights[first.setdefault(id(p), name)]
+    return dict(weights)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -255,6 +270,15 @@ def finetune(
     # (FSDP, DeepSpeed) do not allow; they take transformers' loss.
     sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
     chunked = loss.supported(model) and accelerator.distributed_type not in sharded
+    # Under FSDP every process holds a shard of the weights and of the optimizer state: saving gathers them.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if main and not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # accelerate 1.15 turns FSDP on only for GPUs and other accelerators, silently
+        log.warning("FSDP asked for, but Accelerate does not shard on CPU: each process keeps the whole model")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Its gradient clipping returns a float and its optimizer state is split in its own format;
+        # neither the loop nor the checkpoints handle them, and it runs only on GPUs, untested so far.
+        raise LmtuneError("DeepSpeed is not supported; use FSDP (accelerate config: distributed_type FSDP)")
     head = model.get_output_embeddings()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -312,6 +336,11 @@ def finetune(
         changed = checkpoint.differences(saved["config"], cfg.model_dump(exclude={"output"}))
         if saved["processes"] != accelerator.num_processes:
             changed.append(f"processes ({saved['processes']} -> {accelerator.num_processes})")
+        if saved.get("fsdp", False) != fsdp:  # the optimizer state is stored differently
+            raise LmtuneError(
+                f"cannot resume {output}: its checkpoint was written {'with' if saved.get('fsdp') else 'without'} "
+                "FSDP; resume with the same accelerate config"
+            )
         if changed and not force:
             raise LmtuneError(
                 f"cannot resume {output}: these settings differ from the run's and change the model or the data "
@@ -334,10 +363,11 @@ def finetune(
 
     def evaluate(step: int, tokens: int) -> Score:
         """Score the validation data (windows split across processes) and record it. Step 0: before training."""
+        # FSDP's wrapper gathers the weights in its forward (FSDP 1 only unwraps to a module of shards).
         s = score(
-            accelerator.unwrap_model(model), corpus.validation, block, block, cfg.batch_size,
+            model if fsdp else accelerator.unwrap_model(model), corpus.validation, block, block, cfg.batch_size,
             rank=accelerator.process_index, world=accelerator.num_processes,
-            autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), report=say,
+            autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), report=say, chunked=chunked,
         )  # fmt: skip
         record({"event": "eval", "step": step, "tokens": tokens, "eval_loss": s.loss, "eval_perplexity": s.perplexity})
         return s
@@ -355,13 +385,17 @@ def finetune(
         """Every process's RNG and loss sum plus the shared state, written aside and renamed when complete."""
         mine = {"rng": checkpoint.rng_state(), "loss_sum": loss_sum.item(), "loss_tokens": loss_tokens.item()}
         processes = gather_object([mine])
+        # Every process takes part: under FSDP the main process gets the gathered weights and optimizer state.
+        weights = whole_weights(accelerator, model)
+        optimizer_state = checkpoint.optimizer_state(model, optimizer, fsdp)
         accelerator.wait_for_everyone()
         if not main:
             return None
         root = output / "checkpoints"
         tmp = checkpoint.begin(root, state["step"])
         try:
-            checkpoint.write(tmp, accelerator.unwrap_model(model), tokenizer, optimizer, processes, state)
+            unwrapped = accelerator.unwrap_model(model)
+            checkpoint.write(tmp, unwrapped, weights, tokenizer, optimizer_state, processes, state)
             return checkpoint.commit(tmp, root, state["step"], cfg.keep_checkpoints)
         except BaseException as err:  # a full disk, a second Ctrl-C: nothing partial stays
             error = checkpoint.abandon(tmp, state["step"], err)
@@ -380,7 +414,7 @@ def finetune(
     bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # first non-finite step; 0: none
     rng = None  # a resumed run's random states, restored right before its first step
     if saved:
-        optimizer.load_state_dict(tensors["optimizer"])
+        checkpoint.load_optimizer_state(model, optimizer, tensors["optimizer"], fsdp)
         scheduler.load_state_dict(saved["scheduler"])
         step, tokens_seen, train_seconds = saved["step"], saved["tokens_seen"], saved["train_seconds"]
         start_epoch, skip = saved["epoch"], saved["batch_in_epoch"]
@@ -413,7 +447,9 @@ def finetune(
                     accelerator.backward(batch_loss)
                     finite = torch.isfinite(batch_loss.detach())
                     if accelerator.sync_gradients and cfg.max_grad_norm:
-                        finite &= torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        # FSDP2 returns the norm as a DTensor, which cannot be combined with a plain tensor
+                        finite &= torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 bad_step = torch.where((bad_step == 0) & ~finite, step + 1, bad_step)  # on device: no sync
@@ -455,7 +491,7 @@ def finetune(
                     saved_to = save_checkpoint({
                         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens_seen": tokens_seen,
                         "train_seconds": train_seconds, "scheduler": scheduler.state_dict(),
-                        "base": asdict(base), "processes": accelerator.num_processes,
+                        "base": asdict(base), "processes": accelerator.num_processes, "fsdp": fsdp,
                         "config": cfg.model_dump(exclude={"output"}),
                     })  # fmt: skip
                     tick = time.perf_counter()
@@ -469,6 +505,7 @@ def finetune(
     check_finite(bad_step)
 
     final = evaluate(step, tokens_seen)
+    weights = whole_weights(accelerator, model)
     accelerator.wait_for_everyone()
     summary = {
         **plan,
@@ -489,7 +526,7 @@ def finetune(
     if main:
         assert metrics is not None
         metrics.close()
-        save_model(accelerator.unwrap_model(model), tokenizer, output)
+        save_model(accelerator.unwrap_model(model), weights, tokenizer, output)
         # What a person reads: the training curves and a model card (README.md, the hub's format).
         card.plot_curves(output, base.perplexity)
         (output / card.CARD).write_text(card.model_card(output, cfg, summary))
