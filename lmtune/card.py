@@ -48,6 +48,29 @@ def plot_curves(run: Path, base_perplexity: float) -> Path:
     return path
 
 
+def plot_perplexities(results: list[dict[str, Any]], path: Path) -> Path:
+    """A bar chart of the perplexity of each model `lmtune eval` scored, written beside `path` and renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(r["model"]).name or r["model"] for r in results]
+    values = [r["perplexity"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(results) + 2), 4))
+    bars = ax.bar(names, values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:,.2f}" for v in values])
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"on {Path(results[0]['data']).name}, context {results[0]['context']}, stride {results[0]['stride']}")
+    ax.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
     """A model card in the Hugging Face format: metadata header, results, settings, how to load it."""
     base = cfg.model if cfg.model and not looks_local(cfg.model) else None

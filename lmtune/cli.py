@@ -113,6 +113,7 @@ def finetune(
     save_every: Annotated[int | None, opt("save_every", rich_help_panel=TRAIN)] = None,
     keep_checkpoints: Annotated[int | None, opt("keep_checkpoints", rich_help_panel=TRAIN)] = None,
     log_every: Annotated[int | None, opt("log_every", rich_help_panel=TRAIN)] = None,
+    report_to: Annotated[str | None, opt("report_to", rich_help_panel=TRAIN)] = None,
     compile: Annotated[bool | None, opt("compile", rich_help_panel=TRAIN)] = None,
     output: Annotated[str | None, opt("output", "-o")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,
@@ -293,6 +294,9 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
     text_column: Annotated[str, typer.Option(help="Column that holds the text in tabular data.")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    chart: Annotated[
+        Path | None, typer.Option(help="Also write a bar chart of the perplexities to this image (.png, .svg, .pdf).")
+    ] = None,
 ) -> None:
     """Loss, perplexity and bits per byte of one or more models on the same data.
 
@@ -301,12 +305,21 @@ def eval_(
     from lmtune import runs
 
     targets = models or [str(runs.latest())]
+    if chart and chart.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise LmtuneError(f"--chart {chart}: name a .png, .svg or .pdf file")
+    if chart and not chart.parent.is_dir():
+        raise LmtuneError(f"--chart {chart}: folder {chart.parent} does not exist")
     quiet_libraries()
     from lmtune.display import Display
     from lmtune.evaluate import evaluate_models
 
     with Display(err_console) as display:
         results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
+    if chart:
+        from lmtune.card import plot_perplexities
+
+        plot_perplexities(results, chart)
+        err_console.print(f"chart written to {chart}")
     if as_json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return

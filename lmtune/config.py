@@ -108,6 +108,8 @@ class Config(BaseModel):
     """How many of the newest checkpoints to keep; older ones are deleted once a newer one is complete."""
     log_every: int = Field(10, gt=0)
     """Log training loss every N optimizer steps."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also log metrics to this tracker, through Accelerate: tensorboard (files in RUN/lmtune/) or wandb."""
     compile: bool = False
     """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 

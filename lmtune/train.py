@@ -214,6 +214,7 @@ def finetune(
     resume_from = find_resume_checkpoint(output, report) if resume else None
 
     precision = resolve_precision(cfg.mixed_precision)
+    check_tracker(cfg.report_to)
     accelerator = Accelerator(
         # With no GPU, say so: accelerate then joins processes started by torchrun or MPI over gloo
         # instead of letting each train alone.
@@ -221,6 +222,8 @@ def finetune(
         mixed_precision=precision,
         dynamo_backend="inductor" if cfg.compile else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(output),
         # The data order depends only on the seed and the epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
@@ -354,11 +357,18 @@ def finetune(
         if saved:  # what was logged after the checkpoint will be logged again
             keep_metrics_until(output / "metrics.jsonl", saved["step"])
     metrics = (output / "metrics.jsonl").open("a") if main else None
+    if cfg.report_to != "none":  # the tracker's run: RUN/lmtune/ for tensorboard, project "lmtune" for wandb
+        accelerator.init_trackers(
+            "lmtune", config=cfg.model_dump(), init_kwargs={"wandb": {"name": output.name, "dir": str(output)}}
+        )
 
     def record(event: dict[str, Any]) -> None:
         if metrics:
             metrics.write(json.dumps(event) + "\n")
             metrics.flush()
+        if cfg.report_to != "none":
+            numbers = {k: v for k, v in event.items() if k not in ("event", "step") and isinstance(v, int | float)}
+            accelerator.log(numbers, step=event["step"])
         say(event)
 
     def evaluate(step: int, tokens: int) -> Score:
@@ -576,6 +586,15 @@ class StopSignals:
             f"lmtune finetune --recipe {output / 'config.yaml'} --output {output} --resume",
             exit_code=128 + (self.signal or signal.SIGTERM),
         )
+
+
+def check_tracker(name: str) -> None:
+    """Fail before training, not after, when the tracker's package is missing."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if not available[name]:
+        raise LmtuneError(f"--report-to {name} needs the {name} package: pip install 'lmtune[{name}]'")
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

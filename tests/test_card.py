@@ -35,3 +35,17 @@ def test_a_run_folder_works_in_a_transformers_pipeline(finetuned):
     generate = pipeline("text-generation", model=str(finetuned))
     out = generate("The cat", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert out.startswith("The cat") and len(out) > len("The cat")
+
+
+def test_eval_writes_a_bar_chart_of_several_models(cli, finetuned, tiny_model, corpus, tmp_path):
+    import matplotlib.image
+
+    chart = tmp_path / "ppl.png"
+    r = cli("eval", finetuned, tiny_model, "--data", corpus / "valid.txt", "--chart", chart, "--json")
+    assert r.code == 0, r.err
+    assert len(json.loads(r.out)) == 2
+    height, width, _ = matplotlib.image.imread(chart).shape
+    assert width > height > 100  # a real image, wider than tall
+    assert not list(tmp_path.glob(".ppl*"))  # written aside and renamed
+    bad = cli("eval", finetuned, "--chart", tmp_path / "ppl.txt")
+    assert bad.code == 1 and "name a .png, .svg or .pdf file" in bad.err
