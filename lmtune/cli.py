@@ -116,6 +116,7 @@ def finetune(
     report_to: Annotated[str | None, opt("report_to", rich_help_panel=TRAIN)] = None,
     compile: Annotated[bool | None, opt("compile", rich_help_panel=TRAIN)] = None,
     output: Annotated[str | None, opt("output", "-o")] = None,
+    push_to_hub: Annotated[str | None, opt("push_to_hub")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the unfinished run at --output from its newest complete checkpoint.")
@@ -159,6 +160,8 @@ def finetune(
         f"(loss {result['base_eval_loss']:.4f} -> {result['eval_loss']:.4f}, {result['eval_tokens']:,} validation tokens)\n"
         f'saved to [bold]{result["output"]}[/]; try: lmtune generate "..."  or  lmtune eval'
     )
+    if result["hub_url"]:
+        console.print(f"uploaded to [bold]{result['hub_url']}[/]")
 
 
 @app.command()
@@ -355,6 +358,23 @@ def merge(
     console.print(
         f"[bold green]merged[/] {run} into [bold]{written}[/]; load it with AutoModelForCausalLM.from_pretrained"
     )
+
+
+@app.command()
+def push(
+    run: Annotated[Path, typer.Argument(help="Run folder to upload.", show_default=False)],
+    repo: Annotated[str, typer.Argument(help="Hub repo, user/name or org/name (created private).", show_default=False)],
+) -> None:
+    """Upload a finished run folder to the Hugging Face Hub (without its checkpoints), using your hub token.
+
+    Example:  lmtune push runs/my-run me/my-model
+    """
+    from lmtune import hub, runs
+
+    if not (run / runs.SUMMARY).is_file():
+        raise LmtuneError(f"{run} is not a finished run folder (no {runs.SUMMARY})")
+    hub.check_push(repo)
+    console.print(f"uploaded {run} to [bold]{hub.push(run, repo)}[/]")
 
 
 @recipes_app.command("list")

@@ -116,6 +116,8 @@ class Config(BaseModel):
     # --- output ---
     output: str | None = None
     """Run folder. Default: runs/<model>-<data>-<date>-<time>."""
+    push_to_hub: str | None = None
+    """Upload the finished run folder to this hub repo (user/name; created private), with your hub token."""
 
     @model_validator(mode="after")
     def _shape_fits(self) -> Config:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmtune import card, checkpoint, data, lora, loss, runs
+from lmtune import card, checkpoint, data, hub, lora, loss, runs
 from lmtune.config import Config
 from lmtune.data import Report
 from lmtune.errors import LmtuneError
@@ -211,6 +211,8 @@ def finetune(
     output = Path(cfg.output) if cfg.output else runs.default_output(cfg)
     if not dry_run:
         runs.check_output(output, cfg.model, overwrite, resume)
+        if cfg.push_to_hub:  # before training, not after hours of it
+            hub.check_push(cfg.push_to_hub)
     resume_from = find_resume_checkpoint(output, report) if resume else None
 
     precision = resolve_precision(cfg.mixed_precision)
@@ -544,6 +546,8 @@ def finetune(
         (output / runs.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         runs.remember(output)
     accelerator.end_training()
+    # Last: the run is complete on disk whatever happens to the upload.
+    summary["hub_url"] = hub.push(output, cfg.push_to_hub) if main and cfg.push_to_hub else None
     return summary
 
 
