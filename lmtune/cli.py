@@ -461,6 +461,9 @@ def launch_cpu_processes(processes: int, machines: int, rank: int, argv: list[st
 
     here = max(1, processes // machines)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // here))}  # share the cores
+    # CPU processes must not see a GPU: on a machine with one, rank 1 otherwise reached for cuda:1 and
+    # failed ("invalid device ordinal", seen on an H100 machine).
+    env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}", f"--node-rank={rank}",
         f"--nproc-per-node={here}", f"--master-addr={env['MASTER_ADDR']}",
