@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lmtune.config import Config
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 from lmtune.runs import home
 
 log = logging.getLogger("lmtune")
@@ -155,7 +155,7 @@ def _hub_dataset(name: str, config: str | None) -> Any:
     try:
         return datasets.load_dataset(name, config)
     except Exception as err:  # datasets raises many types for "not there"; all mean the same to a user
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         raise LmtuneError(
             f"cannot load hub dataset `{name}{':' + config if config else ''}` ({first}); "
             "check the name and your network, or pass a local file"
@@ -199,7 +199,7 @@ def read_files(files: list[Path], spec: str, cfg: Config) -> Documents:
         )
     except Exception as err:
         cause = err.__cause__ or err
-        first = (str(cause).splitlines() or [type(cause).__name__])[0]
+        first = first_line(cause)
         raise LmtuneError(f"cannot read {spec}: {bad_jsonl_line(files) or first}") from None
     return column_documents(ds, cfg, spec)
 
@@ -365,8 +365,7 @@ def encode(docs: Documents, tokenizer: Any, report: Report, what: str) -> Encode
         texts = [d for d in docs if isinstance(d, str)]
         return Encoded(tokenize(texts, tokenizer, report, what), None, [len(t.encode("utf-8")) for t in texts])
     ensure_chat_template(tokenizer)
-    out = Encoded([], [], [])
-    assert out.masks is not None
+    all_ids, masks, nbytes = [], [], []
     eos = tokenizer.eos_token_id
     for start in range(0, len(docs), CHUNK):
         rendered = [render(tokenizer, c) for c in docs[start : start + CHUNK] if not isinstance(c, str)]
@@ -384,11 +383,11 @@ def encode(docs: Documents, tokenizer: Any, report: Report, what: str) -> Encode
                 # The conversation ends with a response the template did not end with EOS: add it, so
                 # the model learns to stop.
                 ids_arr, mask = np.append(ids_arr, eos), np.append(mask, True)
-            out.ids.append(ids_arr)
-            out.masks.append(mask)
-            out.nbytes.append(sum(len(text[a:b].encode("utf-8")) for a, b in spans))
+            all_ids.append(ids_arr)
+            masks.append(mask)
+            nbytes.append(sum(len(text[a:b].encode("utf-8")) for a, b in spans))
         report({"event": "phase", "phase": f"tokenizing {what}", "done": start + len(rendered), "total": len(docs)})
-    return out
+    return Encoded(all_ids, masks, nbytes)
 
 
 def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:

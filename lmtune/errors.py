@@ -11,3 +11,8 @@ class LmtuneError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (its type name if it has none), for a one-line error."""
+    return (str(err).splitlines() or [type(err).__name__])[0]

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from lmtune import data, loss
-from lmtune.config import Config, validate
+from lmtune.config import Config, build
 from lmtune.data import Report, Split
 from lmtune.errors import LmtuneError
 from lmtune.generate import load
@@ -98,10 +97,9 @@ def score(
     """
     device = next(model.parameters()).device
     ids = torch.from_numpy(np.asarray(split.ids, dtype=np.int64))
-    chat = split.mask is not None and split.starts is not None
-    if split.mask is not None and split.starts is not None:
+    response = None if split.mask is None else torch.from_numpy(np.asarray(split.mask, dtype=bool))
+    if split.starts is not None:  # chat: one conversation per window
         every = [(s, min(e, s + context), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
-        response = torch.from_numpy(np.asarray(split.mask, dtype=bool))
     else:
         every = windows(len(ids), context, stride)
     mine = every[rank::world]
@@ -122,7 +120,7 @@ def score(
         for row, (start, end, first) in enumerate(batch):
             inputs[row, : end - start] = ids[start:end]
             labels[row, first - start : end - start] = ids[first:end]
-            if chat:
+            if response is not None:
                 labels[row, : end - start].masked_fill_(~response[start:end], loss.IGNORE)
         inputs, labels = inputs.to(device), labels.to(device)
         targets = labels[:, 1:].flatten()  # position t predicts token t+1
@@ -133,7 +131,7 @@ def score(
     model.train(was_training)
     nll, count = reduce(nll), reduce(count)
     # Bits per byte relate the scored tokens to the bytes of their text: all of it, or (chat) the responses.
-    stream_tokens = int(response.sum()) if chat else len(ids)
+    stream_tokens = int(response.sum()) if response is not None else len(ids)
     return Score(int(count.item()), float(nll.item()), stream_tokens, split.bytes)
 
 
@@ -162,11 +160,7 @@ def evaluate_models(
     run = next((r for r in map(run_of, models) if r), None)
     if data_spec is None and run is None:
         raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")
-    run_cfg = (
-        validate(yaml.safe_load((run / "config.yaml").read_text()) or {}, source=str(run / "config.yaml"))
-        if run
-        else None
-    )
+    run_cfg = build(str(run / "config.yaml")) if run else None
     streams: dict[str, Split] = {}  # --data tokenized once per tokenizer: a run and its base share one
     results = []
     for name in models:

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import TextStreamer
 
 from lmtune import lora
-from lmtune.config import validate
+from lmtune.config import build, validate
 from lmtune.data import ensure_chat_template
 from lmtune.model import load_pretrained, load_tokenizer
 
@@ -22,12 +21,11 @@ def trained_on_chat(model: str) -> bool:
     """Whether a run folder (or checkpoint, or merged model) was trained on chat data, as its config says."""
     folder = Path(model).expanduser()
     if (folder / "config.yaml").is_file():
-        values = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    elif (folder / "state.json").is_file():  # a checkpoint
+        return build(str(folder / "config.yaml")).data_format == "chat"
+    if (folder / "state.json").is_file():  # a checkpoint
         values = json.loads((folder / "state.json").read_text())["config"]
-    else:
-        return False
-    return validate(values, source=str(folder)).data_format == "chat"
+        return validate(values, source=str(folder / "state.json")).data_format == "chat"
+    return False
 
 
 def as_chat(tokenizer: Any, prompt: str) -> str:

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 
 # Not uploaded: resumable checkpoints (optimizer state, several times the model) and temporary files.
 IGNORE = ["checkpoints/*", ".*", "*.tmp"]
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def check_push(repo: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import Config
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 from lmtune.model import load_pretrained, load_tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,7 +56,7 @@ def add_adapter(model: Any, cfg: Config, checkpoint: Path | None = None) -> Any:
         return get_peft_model(model, lora_config)
     except ValueError as err:
         raise LmtuneError(
-            f"--lora-targets {cfg.lora_targets}: {str(err).splitlines()[0]}; "
+            f"--lora-targets {cfg.lora_targets}: {first_line(err)}; "
             f"this model's linear layers are: {', '.join(linear_layer_names(model))}"
         ) from None
 

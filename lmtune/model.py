@@ -16,11 +16,8 @@ from lmtune.errors import LmtuneError
 log = logging.getLogger("lmtune")
 
 EOS = "<|endoftext|>"  # GPT-2's end-of-text token, reused by tokenizers lmtune trains
-MAX_BLOCK = 1024
-MODEL_FILES = (
-    "config.json",
-    "adapter_config.json",
-)  # a model folder, or a LoRA run's adapter folder  # default block size cap: longer blocks cost memory faster than they help
+MAX_BLOCK = 1024  # default block size cap: longer blocks cost memory faster than they help
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder, or a LoRA run's adapter folder
 
 
 def looks_local(name: str) -> bool:
