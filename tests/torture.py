@@ -4,12 +4,21 @@
 `lmtune finetune` (tiny GPT-2 with dropout, gradient accumulation, several epochs, a checkpoint every
 step) is killed with SIGKILL once its metrics show step K, then `--resume` runs it to the end. Exact
 means the same per-step losses and evaluations as the reference run, and bit-identical final weights.
+
+Why the tests accept "close" too: on the CPU, the first forward pass of a fresh process occasionally
+gives a loss a few float32 ulps away from the usual value (the checkpoint of step 11 resumed 45 times
+with identical weights, inputs and random state: 3 first losses were 5.512754 instead of 5.512746; the
+second forward pass never differed). The same happens to a stopped run's own step-0 evaluation, the
+first computation of an uninterrupted process. It is in the math libraries, not in what lmtune restores. Close means every record at the same step with the same token count, losses within 1e-5
+(relative) and weights within 1e-5: a wrong random state (dropout masks), data position or optimizer
+state moves them by 1e-3 or more (checked by breaking each on purpose).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -23,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_model, write_paragraphs
 
 STEPS = 24
+# Where a kill may land: after step K is logged, so checkpoint K-1 is complete. A kill right after step 1
+# usually lands before the first checkpoint exists, and such a run can only start over (tested in
+# test_resume.py), so kill steps start at 2.
+KILL_STEPS = range(2, STEPS)
 
 
 def command(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
@@ -73,12 +86,30 @@ def records(run: Path) -> list[tuple]:
     return out
 
 
-def same_weights(a: Path, b: Path) -> bool:
-    import torch
+TOLERANCE = 1e-5  # of "close": last-bit noise is ~2e-6 (losses) and ~2e-7 (weights); real faults >= 1e-3
+
+
+def close(a: float | None, b: float | None) -> bool:
+    return a == b or (a is not None and b is not None and math.isclose(a, b, rel_tol=TOLERANCE))
+
+
+def first_difference(expected: list[tuple], got: list[tuple], exact: bool = True) -> str:
+    """The first record that differs (exactly, or beyond TOLERANCE), for a failure message; '' if none."""
+    for a, b in zip(expected, got, strict=False):  # a length difference is reported below
+        same = a == b if exact else a[:2] == b[:2] and a[4] == b[4] and close(a[2], b[2]) and close(a[3], b[3])
+        if not same:
+            return f"expected {a}, got {b}"
+    return "" if len(expected) == len(got) else f"{len(expected)} records expected, {len(got)} written"
+
+
+def weight_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between two runs' saved weights (inf if their tensors differ)."""
     from safetensors.torch import load_file
 
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    if wa.keys() != wb.keys():
+        return math.inf
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
 
 
 class Bench:
@@ -103,6 +134,9 @@ class Bench:
         resumed = subprocess.run(
             command(self.model, self.data, run, "--resume"), capture_output=True, text=True, env=self.env
         )
+        done = resumed.returncode == 0
+        got = records(run) if done else []
+        weights = weight_difference(run, self.reference) if done else math.inf
         return {
             "kill_step": step,
             "stopped_after": stopped_at,
@@ -111,8 +145,11 @@ class Bench:
             "finished_before_kill": stopped_at >= STEPS,
             "resume_exit": resumed.returncode,
             "resume_stderr": resumed.stderr,
-            "same_records": resumed.returncode == 0 and records(run) == records(self.reference),
-            "same_weights": resumed.returncode == 0 and same_weights(run, self.reference),
+            "exact": done and got == records(self.reference) and weights == 0,
+            "close_records": done and not first_difference(records(self.reference), got, exact=False),
+            "close_weights": weights <= TOLERANCE,
+            "first_difference": first_difference(records(self.reference), got),
+            "weight_difference": weights,
         }
 
 
@@ -122,18 +159,29 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the random kill steps (default: random)")
     a = p.parse_args()
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
-    steps = sorted(random.Random(seed).sample(range(1, STEPS), a.points))
+    steps = sorted(random.Random(seed).sample(KILL_STEPS, a.points))
     with tempfile.TemporaryDirectory(prefix="lmtune-torture-") as tmp:
         bench = Bench(Path(tmp))
-        exact = 0
+        exact = close_only = 0
         for i, step in enumerate(steps):
             r = bench.kill_and_resume(step, f"run-{i}")
-            ok = r["same_records"] and r["same_weights"] and not r["finished_before_kill"]
-            exact += ok
-            verdict = "exact" if ok else f"NOT exact ({r['resume_stderr'].strip().splitlines()[-1:]})"
+            resumed = r["resume_exit"] == 0 and not r["finished_before_kill"]
+            if resumed and r["exact"]:
+                verdict = "exact"
+                exact += 1
+            elif resumed and r["close_records"] and r["close_weights"]:
+                verdict = (
+                    f"close, not bit-identical ({r['first_difference']}; weights within {r['weight_difference']:.1e})"
+                )
+                close_only += 1
+            else:
+                problem = r["first_difference"] or r["resume_stderr"].strip().splitlines()[-1:]
+                verdict = f"WRONG ({problem}; weights differ by {r['weight_difference']:.1e})"
             print(f"kill -9 at step {step:2d} (stopped after {r['stopped_after']:2d}), resumed: {verdict}", flush=True)
-    print(f"{exact} of {len(steps)} resumed exactly (kill steps drawn with seed {seed})")
-    sys.exit(0 if exact == len(steps) else 1)
+    print(
+        f"{exact} of {len(steps)} resumed bit-identically, {close_only} within {TOLERANCE} (kill steps drawn with seed {seed})"
+    )
+    sys.exit(0 if exact + close_only == len(steps) else 1)
 
 
 if __name__ == "__main__":
