@@ -545,6 +545,9 @@ def finetune(
         # summary.json last: its presence marks a complete run.
         (output / runs.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         runs.remember(output)
+    # Every process tears down its process group together, after the main one has written the run: a
+    # second CPU process that did so seconds earlier was once seen left behind when the first exited.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     # Last: the run is complete on disk whatever happens to the upload.
     summary["hub_url"] = hub.push(output, cfg.push_to_hub) if main and cfg.push_to_hub else None
