@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A wheel install carries the recipes inside the package (see pyproject.toml).
@@ -217,14 +217,13 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
         # safe_load builds plain data only: a `!!python/object` tag is refused, never run.
         values = yaml.safe_load(path.read_text())
     except yaml.constructor.ConstructorError as err:
-        tag = getattr(err, "problem", "") or str(err).splitlines()[0]
+        tag = getattr(err, "problem", "") or first_line(err)
         raise LmtuneError(
             f"recipe {path} could not be read safely ({tag}); recipes hold plain keys and values, "
             "and lmtune never runs code from YAML"
         ) from None
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise LmtuneError(f"cannot read recipe {path}: {first}") from None
+        raise LmtuneError(f"cannot read recipe {path}: {first_line(err)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
 from lmtune.config import Config
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 
 log = logging.getLogger("lmtune")
 
@@ -39,10 +39,10 @@ def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
             raise LmtuneError(
                 f"{what} {name} needs code shipped with it; pass --trust-remote-code if you trust its author"
             ) from None
-        raise LmtuneError(f"cannot load {what} {name}: {str(err).splitlines()[0]}") from None
+        raise LmtuneError(f"cannot load {what} {name}: {first_line(err)}") from None
     except OSError as err:
         if Path(name).is_dir():
-            raise LmtuneError(f"cannot load {what} from {name}: {str(err).splitlines()[0]}") from None
+            raise LmtuneError(f"cannot load {what} from {name}: {first_line(err)}") from None
         raise LmtuneError(
             f"cannot find {what} `{name}` on the hub or in the local cache "
             "(offline, misspelt, or private without a token?); or pass a local folder"
