@@ -545,13 +545,25 @@ def finetune(
         # summary.json last: its presence marks a complete run.
         (output / runs.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         runs.remember(output)
-    # Every process tears down its process group together, after the main one has written the run: a
-    # second CPU process that did so seconds earlier was once seen left behind when the first exited.
+    # Every process tears down its process group together, after the main one has written the run.
     accelerator.wait_for_everyone()
+    release_collectives(accelerator)
     accelerator.end_training()
     # Last: the run is complete on disk whatever happens to the upload.
     summary["hub_url"] = hub.push(output, cfg.push_to_hub) if main and cfg.push_to_hub else None
     return summary
+
+
+def release_collectives(accelerator: Any) -> None:
+    """Let gloo's worker threads finish freeing the last collective before the process group goes away.
+
+    With torch 2.13 a CPU process could hang forever after a finished run: when DDP's reducer was freed,
+    the gloo process group's destructor joined its worker threads while holding the GIL, and a worker was
+    still freeing the last barrier's tensors, which needs the GIL (seen with py-spy --native). Sleeping
+    releases the GIL, so the worker finishes first; 0.1 s at the end of a run costs nothing.
+    """
+    if accelerator.num_processes > 1:
+        time.sleep(0.1)
 
 
 class StopSignals:
