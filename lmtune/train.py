@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -547,23 +548,16 @@ def finetune(
         runs.remember(output)
     # Every process tears down its process group together, after the main one has written the run.
     accelerator.wait_for_everyone()
-    release_collectives(accelerator)
+    # The DDP wrapper goes first. Its reducer holds the process group and, as the last holder, would free
+    # it with the GIL held; gloo's destructor then waits for its worker threads, one of which may need the
+    # GIL to free the last collective's tensors: a hang seen with torch 2.13 (py-spy --native). Freed here,
+    # the group's last holder is destroy_process_group's own reference, which releases the GIL to free it.
+    (model,) = accelerator.free_memory(model)  # accelerate's idiom: its references and ours, dropped
+    gc.collect()
     accelerator.end_training()
     # Last: the run is complete on disk whatever happens to the upload.
     summary["hub_url"] = hub.push(output, cfg.push_to_hub) if main and cfg.push_to_hub else None
     return summary
-
-
-def release_collectives(accelerator: Any) -> None:
-    """Let gloo's worker threads finish freeing the last collective before the process group goes away.
-
-    With torch 2.13 a CPU process could hang forever after a finished run: when DDP's reducer was freed,
-    the gloo process group's destructor joined its worker threads while holding the GIL, and a worker was
-    still freeing the last barrier's tensors, which needs the GIL (seen with py-spy --native). Sleeping
-    releases the GIL, so the worker finishes first; 0.1 s at the end of a run costs nothing.
-    """
-    if accelerator.num_processes > 1:
-        time.sleep(0.1)
 
 
 class StopSignals:

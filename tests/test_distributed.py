@@ -19,6 +19,7 @@ from conftest import read_json
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 FSDP_ON_CPU = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+TEARDOWN_PROBE = str(Path(__file__).with_name("teardown_probe.py"))
 # Blocks of 31 tokens make an odd number of validation windows: one process scores one more than the
 # other, which under FSDP (a collective in every forward) would hang if it ran one more batch.
 ARGS = ["--block-size", "31", "--batch-size", "4", "--mixed-precision", "no", "--lr", "1e-3", "--log-every", "1"]
@@ -84,6 +85,21 @@ def test_a_config_file_starts_two_cpu_processes(name, tiny_model, corpus, tmp_pa
     # Accelerate keeps FSDP off on CPU and trains with plain data parallelism; lmtune says so.
     said = "FSDP asked for, but Accelerate does not shard on CPU" in proc.stderr
     assert said == (name == "fsdp")
+
+
+@pytest.mark.slow
+def test_ddp_is_freed_before_the_process_group(tiny_model, corpus, tmp_path, lmtune_home):
+    """A finished CPU run once hung at exit: DDP's reducer, freed after the gloo group was destroyed, was
+    the group's last holder and freed it with the GIL held, while a gloo worker waited for the GIL."""
+    # torchrun, as lmtune itself starts CPU processes, with the probe in place of `-m lmtune`
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
+    args = finetune_args(tiny_model, corpus, tmp_path / "run", "--max-steps", "2")
+    env = {**os.environ, "LMTUNE_HOME": str(lmtune_home), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [*torchrun, TEARDOWN_PROBE, *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probes = sorted(line for line in proc.stderr.splitlines() if line.startswith("teardown probe"))
+    assert probes == [f"teardown probe: rank {rank}: 0 DDP alive" for rank in (0, 1)], proc.stderr[-3000:]
 
 
 @pytest.mark.slow
