@@ -23,7 +23,9 @@ PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 class Config(BaseModel):
     """Everything that decides what a fine-tuning run does. Each field's docstring is its --help."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: `--lr inf` or `.nan` in YAML would pass gt/ge bounds (inf) or fail them with a
+    # confusing message (nan), then wreck the run; every float must be a finite number.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
     # --- model ---
     model: str | None = None
@@ -98,8 +100,8 @@ class Config(BaseModel):
     """Clip the gradient norm to this; 0 turns clipping off."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on GPUs (fp16 on old ones) and on CPUs with bf16 units, else no."""
-    seed: int = 42
-    """Seeds weights of new models, data order and dropout."""
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeding accepts 0 to 2**32 - 1
+    """Seeds weights of new models, data order and dropout (0 to 4294967295)."""
     eval_every: int | None = Field(None, ge=0)
     """Evaluate every N optimizer steps; 0 only at the end. Default: five times per run."""
     save_every: int | None = Field(None, ge=0)
@@ -214,8 +216,22 @@ def find_recipe(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     path = find_recipe(name_or_path)
     try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise LmtuneError(f"cannot read recipe {path}: {err.strerror or first_line(err)}") from None
+    bad = raw.find(b"\x00")  # valid UTF-8 can hold NUL bytes, text files do not
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start if bad < 0 else min(bad, err.start)
+    if bad >= 0:
+        raise LmtuneError(
+            f"cannot read recipe {path}: not a text file (binary data at byte {bad}); "
+            "a recipe is a YAML file of config keys (`lmtune recipes show tiny-cpu` shows one)"
+        )
+    try:
         # safe_load builds plain data only: a `!!python/object` tag is refused, never run.
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as err:
         tag = getattr(err, "problem", "") or first_line(err)
         raise LmtuneError(

@@ -92,3 +92,39 @@ def test_every_recipe_loads_and_documents_itself(name):
     for key, value in values.items():
         assert getattr(defaults, key) != value, f"{name}: {key} repeats the default"
         assert getattr(cfg, key) == value
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["lr=inf", "lr=.inf", "lr=nan", "warmup_ratio=nan", "weight_decay=inf", "weight_decay=.inf",
+     "max_grad_norm=inf", "dropout=nan", "lora_dropout=nan", "validation_percent=nan", "validation_percent=-.inf"],
+)  # fmt: skip
+def test_non_finite_numbers_are_refused(override):
+    key = override.partition("=")[0]
+    with pytest.raises(LmtuneError, match=rf"^bad configuration: {key}: Input should be a finite number"):
+        config.build(None, {}, [override])
+
+
+def test_non_finite_numbers_in_a_recipe_or_a_flag_are_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: .inf\nmax_grad_norm: .nan\n")
+    with pytest.raises(LmtuneError, match=f"in {recipe}: lr: .*finite.*; max_grad_norm: .*finite"):
+        config.build(str(recipe))
+    with pytest.raises(LmtuneError, match="weight_decay: Input should be a finite number"):
+        config.build(None, {"weight_decay": float("inf")})
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_seed_must_be_what_numpy_and_torch_accept(seed):
+    with pytest.raises(LmtuneError, match=r"^bad configuration: seed: Input should be"):
+        config.build(None, {}, [f"seed={seed}"])
+    assert config.build(None, {}, ["seed=0"]).seed == 0
+    assert config.build(None, {}, ["seed=4294967295"]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("content", [b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00", bytes(range(256)) * 4, bytes(64)])
+def test_a_binary_recipe_is_refused_in_one_line(tmp_path, content):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(content)
+    with pytest.raises(LmtuneError, match=f"^cannot read recipe {recipe}: not a text file"):
+        config.build(str(recipe))
