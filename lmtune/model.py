@@ -32,8 +32,20 @@ def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
         if not path.is_dir():
             raise LmtuneError(f"no such {what} folder: {name}")
         name = str(path)
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(name, **kwargs)
+    except SafetensorError as err:  # a weights file cut short (an interrupted copy or download) or overwritten
+        if Path(name).is_dir():
+            raise LmtuneError(
+                f"cannot load {what} from {name}: {damaged_file(Path(name))} is damaged or incomplete "
+                f"({first_line(err)}); copy it again"
+            ) from None
+        raise LmtuneError(
+            f"cannot load {what} {name}: its weights in the Hugging Face cache are damaged or incomplete "
+            f"({first_line(err)}); remove them with `hf cache rm model/{name}` and download again"
+        ) from None
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise LmtuneError(
@@ -47,6 +59,19 @@ def from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
             f"cannot find {what} `{name}` on the hub or in the local cache "
             "(offline, misspelt, or private without a token?); or pass a local folder"
         ) from None
+
+
+def damaged_file(folder: Path) -> str:
+    """The name of the first weights file in `folder` whose header safetensors refuses."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):  # reads and checks the header only
+                pass
+        except Exception:
+            return path.name
+    return "a weights file"
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "tokenizer") -> PreTrainedTokenizerBase:
@@ -137,13 +162,34 @@ def build(config: Any, make: Any, dropout: float | None = None) -> Any:
 def load_pretrained(name: str, dtype: Any, trust_remote_code: bool, dropout: float | None = None) -> Any:
     """A pretrained causal LM from the hub or a folder, with the speed-ups of `build`."""
     config = from_pretrained(AutoConfig, name, "model config", trust_remote_code=trust_remote_code)
-    return build(
-        config,
-        lambda c: from_pretrained(
-            AutoModelForCausalLM, name, "model", config=c, dtype=dtype, trust_remote_code=trust_remote_code
-        ),
-        dropout,
+    return build(config, lambda c: load_weights(name, c, dtype, trust_remote_code), dropout)
+
+
+def load_weights(name: str, config: Any, dtype: Any, trust_remote_code: bool) -> Any:
+    """The model at `name` built from `config`; a weight whose shape config.json contradicts is an error."""
+    # On a shape mismatch transformers raises "look at the above report!", the report being a log line
+    # that lmtune silences. Loading with ignore_mismatched_sizes returns the mismatches to name instead;
+    # the model, its mismatched weights freshly initialized, is never used.
+    model, info = from_pretrained(
+        AutoModelForCausalLM,
+        name,
+        "model",
+        config=config,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
     )
+    mismatched = info["mismatched_keys"]  # {(key, shape in the weights, shape config.json makes)}
+    if mismatched:
+        order = {key: i for i, key in enumerate(model.state_dict())}
+        key, found, expected = min(mismatched, key=lambda m: (order.get(m[0], len(order)), m[0]))
+        others = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise LmtuneError(
+            f"config.json does not match the weights in {name}: {key} is {list(found)} in the weights "
+            f"but config.json makes it {list(expected)}{others}; put back the config.json saved with these weights"
+        )
+    return model
 
 
 def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
