@@ -13,7 +13,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -60,6 +60,7 @@ def opt(key: str, *names: str, **kwargs: Any) -> Any:
 
 
 MODEL, LORA, DATA, TRAIN = "Model", "LoRA", "Data", "Training"
+DTYPES = get_args(config.Config.model_fields["dtype"].annotation)  # float32, bfloat16, float16, auto
 
 
 @app.command()
@@ -206,6 +207,13 @@ def generate(
 
     if (prompt is None) == (prompts is None):
         raise LmtuneError("give a PROMPT or --prompts FILE (one of the two)")
+    if dtype not in DTYPES:
+        raise LmtuneError(f"--dtype {dtype}: choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    if (greedy or temperature == 0) and num_return_sequences > 1:
+        raise LmtuneError(
+            f"--greedy gives one continuation, the same each time; sample instead (--temperature above 0) "
+            f"or drop -n {num_return_sequences}"
+        )
     model = model or str(runs.latest())
     texts = read_prompts(prompts) if prompts else [prompt or ""]
     quiet_libraries()
@@ -254,20 +262,56 @@ def generate(
 
 
 def read_prompts(path: Path) -> list[str]:
+    """The prompts in a file: one per line; JSONL with a `prompt` field; or a JSON list of them."""
     if not path.is_file():
         raise LmtuneError(f"no such prompts file: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise LmtuneError(f"prompts file {path} is empty")
-    if path.suffix != ".jsonl":
-        return lines
-    out = []
-    for n, line in enumerate(lines, 1):
-        try:
-            out.append(str(json.loads(line)["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LmtuneError(f"{path} line {n}: expected a JSON object with a `prompt` field") from None
-    return out
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LmtuneError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if path.suffix == ".json":
+        prompts = json_prompts(path, text)
+    elif path.suffix == ".jsonl":
+        prompts = [jsonl_prompt(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise LmtuneError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def jsonl_prompt(path: Path, n: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+        prompt = row["prompt"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LmtuneError(f"{path} line {n}: expected a JSON object with a `prompt` field") from None
+    if not isinstance(prompt, str):
+        raise LmtuneError(f"{path} line {n}: `prompt` must be text, not {json_kind(prompt)}")
+    return prompt
+
+
+def json_prompts(path: Path, text: str) -> list[str]:
+    expected = 'expected a JSON list of strings or of {"prompt": "..."} objects'
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LmtuneError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); {expected}") from None
+    if not isinstance(items, list):
+        raise LmtuneError(f"{path} holds {json_kind(items)}; {expected}")
+    prompts = []
+    for i, item in enumerate(items, 1):
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise LmtuneError(f"{path} item {i}: expected a string or an object with a `prompt` string")
+        prompts.append(prompt)
+    return [p for p in prompts if p.strip()]
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for error messages."""
+    kinds = {type(None): "null", bool: "true/false", list: "a list", dict: "an object", str: "a string"}
+    return kinds.get(type(value), "a number")
 
 
 @app.command("eval")

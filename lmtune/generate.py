@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ from transformers import TextStreamer
 from lmtune import lora
 from lmtune.config import build, validate
 from lmtune.data import ensure_chat_template
-from lmtune.model import load_pretrained, load_tokenizer
+from lmtune.model import context_length, load_pretrained, load_tokenizer
+
+log = logging.getLogger("lmtune")
 
 
 def trained_on_chat(model: str) -> bool:
@@ -70,6 +73,16 @@ class _Stream(TextStreamer):
         self.on_text(text)
 
 
+def fit_context(prompt: int, max_new_tokens: int, context: int) -> tuple[int, int]:
+    """(prompt tokens to keep, new tokens to make) so that the two fit the model's context.
+
+    The new tokens are as many as asked while there is room; when the prompt needs the room, they still
+    get up to half the context and the prompt keeps its last tokens (the ones the continuation follows).
+    """
+    new = max(1, min(max_new_tokens, max(context - prompt, context // 2)))
+    return min(prompt, context - new), new
+
+
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, prompts: list[str], s: Sampling, on_text: Callable[[str], None] | None = None
@@ -87,10 +100,18 @@ def generate(
         enc = tokenizer([tokenizer.eos_token] * len(prompts), return_tensors="pt", add_special_tokens=False).to(
             model.device
         )
+    context = context_length(model)
+    length = enc["input_ids"].shape[1]  # the longest prompt: the others are left-padded to it
+    new = s.max_new_tokens
+    if context is not None and length + new > context:
+        # Past its context a model has no position for the next token (GPT-2 fails with IndexError).
+        keep, new = fit_context(length, new, context)
+        enc = {k: v[:, length - keep :] for k, v in enc.items()}
+        log.warning(context_note(len(prompts), length, keep, new, s.max_new_tokens, context))
     stream = _Stream(tokenizer, on_text) if on_text and len(prompts) == 1 and s.num_return_sequences == 1 else None
     out = model.generate(
         **enc,
-        max_new_tokens=s.max_new_tokens,
+        max_new_tokens=new,
         do_sample=not greedy,
         temperature=None if greedy else s.temperature,
         top_k=None if greedy else s.top_k,
@@ -103,3 +124,15 @@ def generate(
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     n = s.num_return_sequences
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def context_note(prompts: int, length: int, keep: int, new: int, asked: int, context: int) -> str:
+    """One line saying how the prompts and the new tokens were made to fit the context."""
+    which = "the prompt" if prompts == 1 else "the longest prompt"
+    said = f"{which} is {length} tokens and the model's context {context}: "
+    kept = f"keeping its last {keep} tokens" if prompts == 1 else f"keeping the last {keep} tokens of each prompt"
+    if keep == length:
+        return said + f"generating at most {new} new tokens, not {asked}"
+    if new == asked:
+        return said + f"{kept}, to leave room for {new} new ones"
+    return said + f"{kept} and generating at most {new} new ones, not {asked}"
