@@ -13,7 +13,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, NoReturn, get_args
 
 import typer
 from rich.console import Console
@@ -517,27 +517,43 @@ def launch_cpu_processes(processes: int, machines: int, rank: int, argv: list[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the app and turns known problems into one red line and exit code 1."""
+    """Entry point: runs the app and turns known problems into one red line: exit code 2 for a command
+    line click cannot parse (the Unix convention for usage errors), 1 for other errors."""
     processes, machines, rank = cpu_processes_requested()
     if processes > 1 or machines > 1:
         sys.exit(launch_cpu_processes(processes, machines, rank, sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, prog_name="lmtune")
+        # Not standalone: click raises its usage errors here instead of printing its boxed version, and
+        # returns the exit code of --help (0) or of a Ctrl-C (130) instead of calling sys.exit.
+        code = app(args=argv, prog_name="lmtune", standalone_mode=False)
+    except typer.TyperException as err:  # click's errors: typer carries its own copy of click
+        if type(err).__name__ == "NoArgsIsHelpError":  # `lmtune` alone (typer too tells it by name)
+            if err.format_message().strip():  # with Rich, typer has printed the help already
+                print(err.format_message())
+            sys.exit(err.exit_code)
+        ctx = getattr(err, "ctx", None)  # a usage error knows its command
+        fail(err.format_message().strip() + (f" (see {ctx.command_path} --help)" if ctx else ""), err.exit_code)
+    except typer.Abort:
+        err_console.print("[bold red]aborted[/]")
+        sys.exit(1)
     except LmtuneError as err:
         if os.environ.get("LMTUNE_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
+        fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
+        code = 130
     except Exception as err:  # a bug or an unforeseen failure: still one line, the traceback on request
         if os.environ.get("LMTUNE_DEBUG"):
             raise
         first = (str(err).splitlines() or [""])[0]
-        err_console.print(
-            f"[bold red]error:[/] {type(err).__name__}: {escape(first)} (LMTUNE_DEBUG=1 shows the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        fail(f"{type(err).__name__}: {first} (LMTUNE_DEBUG=1 shows the traceback)", 1)
+    if code == 130:  # click turns a Ctrl-C into exit code 130
+        err_console.print("[bold red]interrupted[/]")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def fail(message: str, exit_code: int) -> NoReturn:
+    """Print `message` as lmtune's one red line and exit."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(exit_code)

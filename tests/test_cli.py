@@ -19,6 +19,43 @@ def test_help_lists_every_command(cli):
         assert command in r.out
 
 
+def test_help_and_no_arguments_keep_their_exit_codes(cli):
+    r = cli("finetune", "--help")
+    assert r.code == 0 and "--lr" in r.out
+    r = cli()  # no command: the help, as a usage error
+    assert r.code == 2 and "Usage" in r.out and "finetune" in r.out
+    r = cli("recipes")
+    assert r.code == 2 and "list" in r.out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["finetune", "--lrr", "1"], "No such option: --lrr"),
+        (["generate", "hi", "--max-new-tokens", "many"], "Invalid value for '--max-new-tokens'"),
+        (["merge"], "Missing argument 'run'"),
+        (["fintune"], "No such command 'fintune'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, message, cli):
+    r = cli(*args)
+    assert r.code == 2
+    assert r.err.startswith(f"error: {message}") and r.err.count("\n") == 1, r.err
+    command = " ".join(["lmtune", *args[:1]]) if args[0] != "fintune" else "lmtune"
+    assert f"see {command} --help" in r.err
+
+
+def test_ctrl_c_exits_130(cli, monkeypatch):
+    from lmtune import config
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "list_recipes", interrupt)
+    r = cli("recipes", "list")
+    assert r.code == 130 and r.err == "interrupted\n"
+
+
 def test_finetune_writes_a_complete_run_folder(finetuned, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
