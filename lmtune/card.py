@@ -11,6 +11,25 @@ from lmtune.model import looks_local
 
 CURVES = "curves.png"
 CARD = "README.md"
+PATH_KEYS = ("model", "tokenizer", "data", "validation_data")  # config keys that may hold local paths
+
+
+def local_names(values: dict[str, Any]) -> dict[str, str]:
+    """Each local path among a config's `values`, mapped to its file or folder name."""
+    paths = [v for k in PATH_KEYS if isinstance(v := values.get(k), str) and looks_local(v)]
+    return {path: Path(path).name or path for path in paths}
+
+
+def hide_paths(text: str, names: dict[str, str]) -> str:
+    """`text` for others to read: each local path in `names` cut to its name, and the home folder to `~`.
+
+    A run's config.yaml keeps absolute paths so it works from any folder; a card or an upload shows where
+    the files lay (home folder, user name) to no one.
+    """
+    home = str(Path.home())
+    for path in sorted(names, key=len, reverse=True):  # a folder's path is the start of its files' paths
+        text = text.replace(path, names[path])
+    return text.replace(home, "~") if len(Path(home).parts) > 1 else text
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
@@ -84,7 +103,7 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
     start = f"fine-tuned from `{cfg.model}`" if cfg.model and not cfg.from_scratch else "trained from scratch"
     settings = {k: v for k, v in cfg.model_dump(exclude={"output"}).items() if v != Config.model_fields[k].default}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
-    return "\n".join([
+    card = "\n".join([
         *header,
         "",
         f"# {run.name}",
@@ -128,3 +147,5 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
         f"`lmtune finetune --recipe {run.name}/config.yaml`.",
         "",
     ])  # fmt: skip
+    # The model, the data and the validation source are absolute paths by now: names only, in all three places.
+    return hide_paths(card, local_names(cfg.model_dump()))

@@ -49,3 +49,25 @@ def test_eval_writes_a_bar_chart_of_several_models(cli, finetuned, tiny_model, c
     assert not list(tmp_path.glob(".ppl*"))  # written aside and renamed
     bad = cli("eval", finetuned, "--chart", tmp_path / "ppl.txt")
     assert bad.code == 1 and "name a .png, .svg or .pdf file" in bad.err
+
+
+def test_the_card_shows_names_not_local_paths(finetuned, tiny_model, corpus, tmp_path_factory):
+    card = (finetuned / "README.md").read_text()
+    assert str(tmp_path_factory.getbasetemp()) not in card  # no home folder, no user name
+    assert f"fine-tuned from `{tiny_model.name}` on `train.txt`" in card
+    assert "| `data` | `train.txt` |" in card and "| `validation_data` | `valid.txt` |" in card
+    assert "On valid.txt (" in card
+
+
+def test_a_held_out_share_is_named_by_the_data_file_name(tmp_path):
+    data = str(tmp_path / "home" / "alice" / "corpus.txt")
+    summary = {
+        "steps": 10, "train_tokens": 1000, "parameters": 124_000_000,
+        "validation": f"5% of the documents of {data}, held out",
+        "eval_tokens": 500, "block_size": 1024, "base_eval_loss": 3.3, "base_eval_perplexity": 27.1,
+        "base_eval_bits_per_byte": 1.2, "eval_loss": 3.0, "eval_perplexity": 20.1, "eval_bits_per_byte": 1.1,
+        "mixed_precision": "bf16", "processes": 1, "tokens_per_second": 5000.0, "train_seconds": 0.2,
+    }  # fmt: skip
+    card = model_card(tmp_path / "run", Config(model=str(tmp_path / "base"), data=data), summary)
+    assert str(tmp_path) not in card
+    assert "On 5% of the documents of corpus.txt, held out" in card and "fine-tuned from `base`" in card
