@@ -122,7 +122,11 @@ def test_seed_must_be_what_numpy_and_torch_accept(seed):
     assert config.build(None, {}, ["seed=4294967295"]).seed == 2**32 - 1
 
 
-@pytest.mark.parametrize("content", [b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00", bytes(range(256)) * 4, bytes(64)])
+@pytest.mark.parametrize(
+    "content",
+    [b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00", bytes(range(256)) * 4, bytes(64)],
+    ids=["elf", "bytes", "zeros"],
+)
 def test_a_binary_recipe_is_refused_in_one_line(tmp_path, content):
     recipe = tmp_path / "r.yaml"
     recipe.write_bytes(content)
