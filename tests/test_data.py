@@ -1,6 +1,7 @@
 """Reading, splitting, tokenizing, caching and packing data."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -182,3 +183,60 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken}\n')
     with pytest.raises(LmtuneError, match=r"d\.jsonl line 4: Expecting value"):
         data.read_documents(str(path), cfg())
+
+
+def damage(path, how):
+    """Damage a cache file the ways a disk or a killed copy does."""
+    good = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif how == "shuffled":  # same size, every byte still a plausible token: only a checksum can tell
+        head, body = good[:128], np.frombuffer(good[128:], dtype=np.uint8)
+        path.write_bytes(head + np.random.default_rng(0).permutation(body).tobytes())
+    elif how == "garbage":
+        path.write_bytes(b"\x00 not what was written " * 3)
+    elif how == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    "kind, file, how",
+    [
+        ("text", "train.npy", "truncated"),
+        ("text", "train.npy", "shuffled"),
+        ("text", "validation.npy", "missing"),
+        ("text", "meta.json", "garbage"),
+        ("chat", "train.mask.npy", "shuffled"),
+        ("chat", "validation.starts.npy", "truncated"),
+    ],
+)
+def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(tiny_model, tmp_path, lmtune_home, caplog, kind, file, how):
+    def load():  # a fresh tokenizer each time, as each run has: chat data gives it a template
+        return data.load_corpus(c, load_tokenizer(str(tiny_model)), lambda e: None)
+
+    if kind == "text":
+        path = tmp_path / "d.txt"
+        path.write_text("\n\n".join(f"doc {i} the dog ran over the big red hill" for i in range(60)))
+    else:
+        path = tmp_path / "d.jsonl"
+        rows = [{"prompt": f"the dog {i}", "response": f"ran over the hill {i} times"} for i in range(60)]
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    c = cfg(data=str(path))
+    first = load()
+    [entry] = (lmtune_home / "tokens").iterdir()
+    damage(entry / file, how)
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        again = load()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"token cache entry {entry} is damaged ({file}: ")
+    assert warnings[0].endswith("); rebuilding it")
+    assert not again.cached and np.array_equal(again.train.ids, first.train.ids)
+    assert np.array_equal(again.validation.ids, first.validation.ids)
+    # The rebuilt entry is whole again: the next run reads it without a word.
+    caplog.clear()
+    third = load()
+    assert third.cached and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert np.array_equal(third.train.ids, first.train.ids)
+    if kind == "chat":
+        assert np.array_equal(third.train.mask, first.train.mask)
+        assert np.array_equal(third.validation.starts, first.validation.starts)
