@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, get_args
@@ -352,34 +353,55 @@ def eval_(
     from lmtune import runs
 
     targets = models or [str(runs.latest())]
-    if chart and chart.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise LmtuneError(f"--chart {chart}: name a .png, .svg or .pdf file")
-    if chart and not chart.parent.is_dir():
-        raise LmtuneError(f"--chart {chart}: folder {chart.parent} does not exist")
+    if chart:
+        check_chart(chart)
     quiet_libraries()
     from lmtune.display import Display
     from lmtune.evaluate import evaluate_models
 
     with Display(err_console) as display:
         results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
-    if chart:
+    if as_json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    else:
+        table = Table(title=f"Evaluation on {results[0]['data']}", title_justify="left")
+        for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            table.add_row(
+                r["model"],
+                f"{r['tokens']:,}",
+                f"{r['loss']:.4f}",
+                f"{r['perplexity']:.2f}",
+                f"{r['bits_per_byte']:.4f}",
+            )
+        console.print(table)
+        for r in results:
+            console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
+    if chart:  # after the figures, so that a failing chart loses none of them
         from lmtune.card import plot_perplexities
 
         plot_perplexities(results, chart)
         err_console.print(f"chart written to {chart}")
-    if as_json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
-        return
-    table = Table(title=f"Evaluation on {results[0]['data']}", title_justify="left")
-    for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in results:
-        table.add_row(
-            r["model"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}"
-        )
-    console.print(table)
-    for r in results:
-        console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
+
+
+def check_chart(chart: Path) -> None:
+    """Fail before the evaluation, not after it, when --chart cannot be written."""
+    if chart.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise LmtuneError(f"--chart {chart}: name a .png, .svg or .pdf file")
+    if not chart.parent.is_dir():
+        raise LmtuneError(f"--chart {chart}: folder {chart.parent} does not exist")
+    if chart.is_dir():
+        raise LmtuneError(f"--chart {chart} is a folder; name an image file, e.g. {chart / 'perplexity.png'}")
+    try:  # the one sure test: a file made and removed there (permissions, read-only disks, root)
+        with tempfile.NamedTemporaryFile(dir=chart.parent, prefix=".lmtune-", suffix=chart.suffix):
+            pass
+    except OSError as err:
+        raise LmtuneError(
+            f"--chart {chart}: cannot write in {chart.parent} ({err.strerror}); choose another folder"
+        ) from None
+    if chart.exists() and not os.access(chart, os.W_OK):
+        raise LmtuneError(f"--chart {chart}: the file is read-only; choose another name")
 
 
 @app.command()

@@ -1,6 +1,8 @@
 """Perplexity checked against hand computations."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +58,54 @@ def test_loss_is_token_weighted_mean_of_hand_computed_nll(tiny_model):
     assert s.tokens == count == len(ids) - 1
     assert s.nll == pytest.approx(nll, rel=1e-5)
     assert s.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["a folder named like an image", "a folder no one may write in"])
+def test_eval_chart_that_cannot_be_written_fails_before_evaluating(
+    where, cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    from lmtune import evaluate
+
+    if where == "a folder named like an image":
+        chart, message = tmp_path / "ppl.png", "is a folder"
+        chart.mkdir()
+    else:
+        chart, message = Path("/sys/ppl.png"), "cannot write in /sys"  # read-only even for root
+        if not Path("/sys").is_dir():
+            pytest.skip("no /sys")
+    monkeypatch.setattr(evaluate, "evaluate_models", lambda *a, **k: pytest.fail("evaluated before checking --chart"))
+    r = cli("eval", tiny_model, "--data", corpus / "valid.txt", "--chart", chart)
+    assert r.code == 1 and f"--chart {chart}" in r.err and message in r.err, r.err
+    assert r.err.count("\n") == 1
+
+
+def test_eval_prints_its_table_before_drawing_the_chart(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    from lmtune import card
+    from lmtune.errors import LmtuneError
+
+    def fail(*args):
+        raise LmtuneError("the chart failed")
+
+    monkeypatch.setattr(card, "plot_perplexities", fail)
+    r = cli("eval", tiny_model, "--data", corpus / "valid.txt", "--chart", tmp_path / "ppl.png")
+    assert r.code == 1 and "the chart failed" in r.err
+    assert "perplexity" in r.out and "bits/byte" in r.out  # the figures are not lost
+
+
+@pytest.mark.parametrize(
+    "summary, message",
+    [
+        ('{"steps": 2', "cannot read {summary} (Expecting ',' delimiter"),
+        ('{"steps": 2}', "{summary} has no block_size"),
+        ('{"block_size": "big"}', "{summary} has block_size 'big', not a number of tokens"),
+    ],
+)
+def test_a_broken_run_summary_is_named_and_not_needed_with_block_size(summary, message, quick, cli, corpus):
+    run = quick("--max-steps", "1")
+    (run / "summary.json").write_text(summary)
+    r = cli("eval", run, "--data", corpus / "valid.txt")
+    assert r.code == 1 and message.format(summary=run / "summary.json") in r.err and "pass --block-size" in r.err, r.err
+    assert r.err.strip().splitlines()[-1].startswith("error:")
+    r = cli("eval", run, "--data", corpus / "valid.txt", "--block-size", "16", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["context"] == 16
