@@ -20,7 +20,7 @@ import torch
 from lmtune import data, loss
 from lmtune.config import Config, build
 from lmtune.data import Report, Split
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 from lmtune.generate import load
 from lmtune.model import context_length, resolve_block_size
 
@@ -141,6 +141,21 @@ def describe(tokenizer: Any, context: int, stride: int) -> str:
     return f"token-level perplexity; tokenizer {name} ({len(tokenizer)} tokens); context {context}; stride {stride}"
 
 
+def trained_block_size(run: Path) -> int:
+    """The block size `run` was trained with, as its summary.json says: the context its figures used."""
+    path = run / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LmtuneError(f"cannot read {path} ({first_line(err)}); pass --block-size to evaluate without it") from None
+    value = summary.get("block_size") if isinstance(summary, dict) else None
+    if value is None:
+        raise LmtuneError(f"{path} has no block_size; pass --block-size")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise LmtuneError(f"{path} has block_size {value!r}, not a number of tokens; pass --block-size")
+    return value
+
+
 def evaluate_models(
     models: list[str],
     data_spec: str | None,
@@ -167,7 +182,7 @@ def evaluate_models(
         report({"event": "phase", "phase": f"loading {name}"})
         net, tok = load(name)
         own_run = run_of(name)
-        context = block_size or (json.loads((own_run / "summary.json").read_text())["block_size"] if own_run else None)
+        context = block_size or (trained_block_size(own_run) if own_run else None)
         context = resolve_block_size(context, net)
         step = stride or context
         if step > context:
