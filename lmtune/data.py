@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -25,6 +26,10 @@ ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
 LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CACHE_VERSION = 3  # bump when the cached token format or the way documents are joined changes (3: checksums)
 SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run compares on the same ones
+# The share of the validation text (in characters) that, when it repeats training documents, makes the
+# overlap a warning rather than a note: below it, the repeats are short lines such as headings (WikiText-2's
+# test split repeats 200 of its validation split's 1,160 paragraphs, all headings, 0.4% of its text).
+OVERLAP_WARNING = 0.01
 # Documents per tokenizer call: big enough for the Rust tokenizer's threads, small enough to report progress.
 CHUNK = 1000
 
@@ -54,6 +59,7 @@ class Corpus:
     empty_documents: int  # empty or blank documents (chat: conversations without a response) skipped
     cached: bool
     format: str = "text"  # "text" or "chat"
+    overlap_warning: str | None = None  # validation documents that are training documents too; said every run
 
 
 # --- reading documents ------------------------------------------------------------------------
@@ -71,11 +77,7 @@ def local_files(spec: str) -> list[Path]:
         raise LmtuneError(
             f"no such file: {spec}; pass a .txt, .jsonl, .json, .csv or .parquet file, a folder, or a hub dataset name"
         )
-    files = (
-        sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_TYPES)
-        if path.is_dir()
-        else [path]
-    )
+    files = [p for p in folder_files(path) if p.suffix.lower() in LOCAL_TYPES] if path.is_dir() else [path]
     if not files:
         raise LmtuneError(f"folder {spec} holds no .txt, .jsonl, .json, .csv or .parquet files")
     kinds = {LOCAL_TYPES.get(p.suffix.lower()) for p in files}
@@ -86,6 +88,26 @@ def local_files(spec: str) -> list[Path]:
             f"folder {spec} mixes file types ({', '.join(sorted(k for k in kinds if k))}); keep one type per folder"
         )
     return files
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file in a folder and below, sorted, as the datasets library chooses them: not hidden ones.
+
+    Skipped below the folder: names starting with "." (.ipynb_checkpoints/ holds copies of the data,
+    .git/ its history) or folders starting with "__" (__MACOSX/ from unzipping). Linked folders are
+    followed (Python 3.11's Path.rglob does not enter them), each real folder once, so a link to a folder
+    above ends instead of looping and two links to one folder do not read it twice.
+    """
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.stat(root)
+        if (real.st_dev, real.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((real.st_dev, real.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))  # sorted: the same link wins each time
+        files += [Path(root, n) for n in names if not n.startswith(".") and Path(root, n).is_file()]
+    return sorted(files)
 
 
 def split_txt(text: str, mode: str) -> list[str]:
@@ -412,19 +434,27 @@ def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
     enc = encode(kept, tokenizer, report, "training data")
     everything = range(len(kept))
 
+    warning = None
     if val_texts is not None:
         if val_texts and isinstance(val_texts[0], str) == chat:
             kinds = ("chat", "plain text") if chat else ("plain text", "chat")
             raise LmtuneError(f"the training data is {kinds[0]} but the validation data ({source}) is {kinds[1]}")
         val_kept = [t for t in val_texts if has_text(t)]
+        where = f"--validation-data {cfg.validation_data}" if cfg.validation_data else f"validation: {source}"
+        warning = check_overlap(kept, val_kept, f"--data {cfg.data}, {where}")
         train = enc.split(everything, eos, dtype)
         validation = encode(val_kept, tokenizer, report, "validation data").split(range(len(val_kept)), eos, dtype)
     elif len(kept) >= 2:
         order = np.random.default_rng(SPLIT_SEED).permutation(len(kept))
         n_val = max(1, round(len(kept) * cfg.validation_percent / 100))
         held = set(order[:n_val].tolist())
-        train = enc.split([i for i in everything if i not in held], eos, dtype)
-        validation = enc.split(sorted(held), eos, dtype)
+        train_idx, val_idx = [i for i in everything if i not in held], sorted(held)
+        # Held out of data that holds some documents twice, a held-out copy was trained on all the same.
+        warning = check_overlap(
+            [kept[i] for i in train_idx], [kept[i] for i in val_idx], f"--data {cfg.data}, validation: {source}"
+        )
+        train = enc.split(train_idx, eos, dtype)
+        validation = enc.split(val_idx, eos, dtype)
     elif chat:
         raise LmtuneError(f"{cfg.data} holds one conversation; pass --validation-data or more conversations")
     else:
@@ -437,7 +467,38 @@ def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
         source = f"the last {cfg.validation_percent:g}% of the tokens of {cfg.data}, held out"
     if validation.documents == 0:
         raise LmtuneError(f"validation data from {source} holds no text")
-    return Corpus(train, validation, source, empty, cached=False, format="chat" if chat else "text")
+    return Corpus(
+        train, validation, source, empty, cached=False, format="chat" if chat else "text", overlap_warning=warning
+    )
+
+
+def check_overlap(train: Documents, validation: Documents, where: str) -> str | None:
+    """Say how many validation documents are training documents too; returns the warning, if it is one.
+
+    Documents are compared by content: the same text, or the same conversation, less the whitespace at
+    either end (a paragraph at the end of a file keeps its newline). Repeats that hold at least
+    OVERLAP_WARNING of the validation text are a warning; fewer, a note.
+    """
+
+    def content(doc: str | Conversation) -> Any:
+        return doc.strip() if isinstance(doc, str) else tuple((m["role"], m["content"].strip()) for m in doc)
+
+    def length(doc: str | Conversation) -> int:
+        return len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
+
+    wanted = {content(d) for d in validation}  # the validation side is the small one, usually
+    found = {c for d in train if (c := content(d)) in wanted}
+    shared = [d for d in validation if content(d) in found]
+    if not shared:
+        return None
+    share = sum(map(length, shared)) / max(1, sum(map(length, validation)))
+    said = f"{len(shared):,} of the {len(validation):,} validation documents also appear in the training data ({where})"
+    if share < OVERLAP_WARNING:
+        log.info("%s; they are %.1f%% of the validation text, too little to matter", said, 100 * share)
+        return None
+    warning = f"{said}; the evaluation overstates how well the model generalises"
+    log.warning(warning)
+    return warning
 
 
 def eval_documents(spec: str, cfg: Config) -> Documents:
@@ -477,6 +538,8 @@ def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
             if corpus.format == "chat":
                 ensure_chat_template(tokenizer)
             log.info("tokenized data from cache %s", folder)
+            if corpus.overlap_warning:
+                log.warning(corpus.overlap_warning)
             return corpus
     corpus = build_corpus(cfg, tokenizer, report)
     write_cache(corpus, folder)
@@ -513,6 +576,7 @@ def write_cache(corpus: Corpus, folder: Path) -> None:
         "validation_source": corpus.validation_source,
         "empty_documents": corpus.empty_documents,
         "format": corpus.format,
+        "overlap_warning": corpus.overlap_warning,
         "files": {},
     }
     for name, split in (("train", corpus.train), ("validation", corpus.validation)):
@@ -565,8 +629,9 @@ def read_cache(folder: Path) -> Corpus:
             load(f"{name}.starts.npy", documents + 1) if chat else None,
         )
     return Corpus(
-        splits["train"], splits["validation"], meta["validation_source"], meta["empty_documents"], True, meta["format"]
-    )
+        splits["train"], splits["validation"], meta["validation_source"], meta["empty_documents"], True,
+        meta["format"], meta["overlap_warning"],
+    )  # fmt: skip
 
 
 def eval_split(spec: str, cfg: Config, tokenizer: Any, report: Report) -> Split:

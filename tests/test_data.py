@@ -240,3 +240,104 @@ def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(tiny_model, tmp_path,
     if kind == "chat":
         assert np.array_equal(third.train.mask, first.train.mask)
         assert np.array_equal(third.validation.starts, first.validation.starts)
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    folder = tmp_path / ".cache" / "data"  # the folder given may itself lie in a hidden one
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "train.txt").write_text("the cat sat\n\nthe dog ran")
+    (folder / ".ipynb_checkpoints" / "train-checkpoint.txt").write_text("the cat sat\n\nthe dog ran")
+    (folder / ".notes.txt").write_text("a note to self")
+    (folder / "__MACOSX").mkdir()  # what unzipping a macOS archive leaves
+    (folder / "__MACOSX" / "train.txt").write_text("resource fork")
+    assert [p.name for p in data.local_files(str(folder))] == ["train.txt"]
+    assert data.read_documents(str(folder), cfg()) == {"train": ["the cat sat", "the dog ran"]}
+    assert data.local_files(str(folder / ".notes.txt")) == [folder / ".notes.txt"]  # asked for by name: read
+
+
+def test_linked_folders_are_read_once_and_link_loops_end(tmp_path):
+    folder, other = tmp_path / "data", tmp_path / "elsewhere"
+    folder.mkdir()
+    other.mkdir()
+    (folder / "a.txt").write_text("the cat sat")
+    (other / "b.txt").write_text("the dog ran")
+    (folder / "more").symlink_to(other)
+    (folder / "same").symlink_to(other)  # a second link to the same folder: read once
+    (folder / "loop").symlink_to(folder)  # a link to a folder above: no endless walk
+    files = data.local_files(str(folder))
+    assert sorted(p.name for p in files) == ["a.txt", "b.txt"]
+    assert sorted(data.read_documents(str(folder), cfg())["train"]) == ["the cat sat", "the dog ran"]
+
+
+def overlap_warnings(caplog):
+    return [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "validation doc" in r.getMessage()
+    ]
+
+
+def test_validation_documents_that_are_also_training_documents_are_flagged(tok, tmp_path, caplog):
+    train = [f"document {i} where the dog ran over the big hill" for i in range(20)]
+    (tmp_path / "train.txt").write_text("\n\n".join(train))
+    # Three repeat training documents (one with other spaces at its ends), two are new.
+    (tmp_path / "valid.txt").write_text(f"{train[3]}\n\n  {train[7]} \n\n{train[12]}\n\nthe cat sat\n\nthe red mat")
+    c = cfg(data=str(tmp_path / "train.txt"), validation_data=str(tmp_path / "valid.txt"))
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        data.load_corpus(c, tok, lambda e: None)
+    assert overlap_warnings(caplog) == [
+        f"3 of the 5 validation documents also appear in the training data (--data {tmp_path / 'train.txt'}, "
+        f"--validation-data {tmp_path / 'valid.txt'}); the evaluation overstates how well the model generalises"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmtune"):  # said again when the tokens come from the cache
+        assert data.load_corpus(c, tok, lambda e: None).cached
+    assert len(overlap_warnings(caplog)) == 1
+
+    # The same file for both: every validation document.
+    caplog.clear()
+    same = cfg(data=str(tmp_path / "train.txt"), validation_data=str(tmp_path / "train.txt"))
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        data.load_corpus(same, tok, lambda e: None)
+    assert [w.split(" (")[0] for w in overlap_warnings(caplog)] == [
+        "20 of the 20 validation documents also appear in the training data"
+    ]
+
+    # Validation held out of data that holds documents twice, and a folder's validation split.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.txt").write_text("\n\n".join(train))
+    (folder / "train-copy.txt").write_text("\n\n".join(train))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        data.load_corpus(cfg(data=str(folder), validation_percent=25), tok, lambda e: None)
+    assert [w.split(" (")[0] for w in overlap_warnings(caplog)] == [
+        "6 of the 10 validation documents also appear in the training data"  # 4 were held out with their copy
+    ]
+
+    # Disjoint data: not a word.
+    caplog.clear()
+    (tmp_path / "other.txt").write_text("the cat sat\n\nthe red mat")
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        data.load_corpus(cfg(data=str(tmp_path / "train.txt"), validation_data=str(tmp_path / "other.txt")), tok, print)
+    assert not [r for r in caplog.records if "validation doc" in r.getMessage()]
+
+
+def test_short_repeated_lines_are_noted_not_warned(tok, tmp_path, caplog):
+    """Headings such as WikiText's ' = = History = = ' repeat across articles: a note, not a warning."""
+    body = [f"article {i} says a great deal about the river and the hill and the road " * 30 for i in range(30)]
+    (tmp_path / "train.txt").write_text("\n\n".join(f" = = History = = \n\n{b}" for b in body[:20]))
+    (tmp_path / "valid.txt").write_text("\n\n".join(f" = = History = = \n\n{b}" for b in body[20:]))
+    c = cfg(data=str(tmp_path / "train.txt"), validation_data=str(tmp_path / "valid.txt"))
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        data.load_corpus(c, tok, lambda e: None)
+    [note] = [r for r in caplog.records if "validation doc" in r.getMessage()]
+    assert note.levelno == logging.INFO
+    assert note.getMessage().startswith("10 of the 20 validation documents also appear in the training data")
+
+
+def test_the_same_file_for_training_and_validation_is_flagged_in_a_real_run(cli, tiny_model, corpus, caplog):
+    r = cli("finetune", tiny_model, "--data", corpus / "train.txt", "--validation-data", corpus / "train.txt",
+            "--block-size", "32", "--dry-run")  # fmt: skip
+    assert r.code == 0, r.err
+    assert [w.split(" (")[0] for w in overlap_warnings(caplog)] == [
+        "120 of the 120 validation documents also appear in the training data"
+    ]
