@@ -97,6 +97,15 @@ def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
         raise LmtuneError(f"{run} holds no LoRA adapter ({ADAPTER_CONFIG}); only runs trained with --lora need merging")
     if output.resolve() == run.resolve() or run.resolve().is_relative_to(output.resolve()):
         raise LmtuneError(f"--output {output} would replace the run {run}; choose another folder")
+    base = Path(base_model_of(run)).expanduser()
+    # Writing over the base (or a folder holding it) would leave the adapter applied twice on the next
+    # load; a model folder inside the base would ride along with every copy of it.
+    if base.exists() and (
+        output.resolve().is_relative_to(base.resolve()) or base.resolve().is_relative_to(output.resolve())
+    ):
+        raise LmtuneError(
+            f"--output {output} would replace or sit inside the adapter's base model {base}; choose a folder outside it"
+        )
     taken = output.is_file() or (output.is_dir() and any(output.iterdir()))
     if taken and not overwrite:
         raise LmtuneError(f"{output} already exists; choose another --output or pass --overwrite")

@@ -145,3 +145,22 @@ def test_a_lora_run_folder_works_in_a_transformers_pipeline(lora_run):
     model, tok = load(str(lora_run))
     ours = generate(model, tok, ["the cat"], Sampling(max_new_tokens=6, temperature=0))[0][0]
     assert out == "the cat" + ours  # the same greedy text as lmtune's merged model
+
+
+@pytest.mark.parametrize("where", ["the base", "a folder holding the base", "inside the base"])
+def test_merge_never_writes_over_or_into_the_adapters_base(where, cli, tiny_model, corpus, tmp_path):
+    import shutil
+
+    base = tmp_path / "models" / "base"  # a copy: the session's tiny model must survive a failing test
+    shutil.copytree(tiny_model, base)
+    run = tmp_path / "lora"
+    r = cli(
+        "finetune", base, "--data", corpus / "train.txt", "--output", run, "--block-size", "32", "--max-steps", "1",
+        "--lora",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    before = sorted(p.name for p in base.iterdir())
+    output = {"the base": base, "a folder holding the base": base.parent, "inside the base": base / "merged"}[where]
+    r = cli("merge", run, "--output", output, "--overwrite")
+    assert r.code == 1 and f"--output {output}" in r.err and "base model" in r.err, r.err
+    assert sorted(p.name for p in base.iterdir()) == before
