@@ -153,7 +153,8 @@ def finetune(
     with Display(console) as display:
         result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=display)
     if dry_run:
-        console.print(plan_table(result, "Dry run: nothing was trained or written"))
+        title = "Dry run: nothing was trained and no run folder was made (tokenized data is cached for the real run)"
+        console.print(plan_table(result, title))
         return
     console.print(
         f"[bold green]done[/] in {duration(result['train_seconds'])}: {result['steps']} steps, "

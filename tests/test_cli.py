@@ -137,13 +137,17 @@ def test_eval_compares_models_and_supports_stride(finetuned, tiny_model, corpus,
     assert "perplexity" in table.out and "bits/byte" in table.out
 
 
-def test_dry_run_plans_and_writes_nothing(cli, tiny_model, corpus, tmp_path):
+def test_dry_run_plans_and_writes_nothing_but_the_token_cache(cli, tiny_model, corpus, tmp_path, lmtune_home):
     out = tmp_path / "planned"
     r = cli("finetune", tiny_model, "--data", corpus / "train.txt", "--output", out, "--block-size", "32", "--dry-run")
     assert r.code == 0, r.err
     for word in ("documents", "blocks", "tokens dropped", "steps", "tokens per step", "estimated time"):
         assert word in r.out
-    assert not out.exists()
+    # It says what it did: the token cache is written (the real run reuses it), no run folder is.
+    said = " ".join(r.out.split())
+    assert "Dry run: nothing was trained and no run folder was made (tokenized data is cached for the real run)" in said
+    assert not out.exists() and not (tmp_path / "runs").exists()
+    assert any((lmtune_home / "tokens").iterdir())
 
 
 def test_existing_run_is_never_overwritten_silently(finetuned, tiny_model, corpus, cli):
