@@ -440,7 +440,7 @@ def push(
 
     if not (run / runs.SUMMARY).is_file():
         raise LmtuneError(f"{run} is not a finished run folder (no {runs.SUMMARY})")
-    hub.check_push(repo)
+    hub.check_push(repo, command="push")
     console.print(f"uploaded {run} to [bold]{hub.push(run, repo)}[/]")
 
 
