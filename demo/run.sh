@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LMTUNE=".venv/bin/lmtune"
-OUT=demo/out
+OUT="${DEMO_OUT:-demo/out}"  # DEMO_OUT: where the tests run it
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 step() { printf '\n\033[1m== %s\033[0m\n$' "$1"; printf ' %q' "${@:2}"; printf '\n'; "${@:2}"; }

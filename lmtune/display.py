@@ -127,10 +127,11 @@ class Display:
     def _task(self, name: str, total: int | None) -> TaskID:
         assert self.progress
         if name not in self.tasks:
-            for other in self.tasks.values():  # a new phase ends the previous ones
-                task = self.progress.tasks[other]
-                if task.total is None:
-                    self.progress.update(other, total=1, completed=1)
+            # A new phase ends the previous ones. Rich's `tasks` is a list in which a task's id is not its
+            # position once a task was removed (each evaluation's is), so tasks are found by id.
+            for task in self.progress.tasks:
+                if task.id in self.tasks.values() and task.total is None:
+                    self.progress.update(task.id, total=1, completed=1)
             self.tasks[name] = self.progress.add_task(name, total=total, info="")
         return self.tasks[name]
 

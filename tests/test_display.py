@@ -55,3 +55,21 @@ def test_plain_output_is_log_lines():
     assert "step 1  loss 1.5000  ppl 4.48  lr 1.00e-04  2.5k tok/s" in lines
     assert "eval step 0: loss 2.0000  perplexity 7.39" in lines
     assert not any("\x1b[" in line for line in lines)  # no terminal control codes in a log file
+
+
+def test_evaluations_between_training_steps_keep_the_live_display_going():
+    """Once the first evaluation's bar is removed, task ids are no longer list positions (a crash seen at
+    the first mid-run evaluation of every terminal run)."""
+    evaluate = [
+        {"event": "phase", "phase": "evaluating", "done": 1, "total": 2},
+        {"event": "phase", "phase": "evaluating", "done": 2, "total": 2},
+    ]
+    events = [*EVENTS[:6], {"event": "progress", "step": 1, "total_steps": 3}]
+    for step in (1, 2):
+        events += [*evaluate, {"event": "eval", "step": step, "tokens": 1, "eval_loss": 1.0, "eval_perplexity": 2.7}]
+        events.append({"event": "progress", "step": step + 1, "total_steps": 3})
+    out = io.StringIO()
+    with Display(Console(file=out, force_terminal=True, width=120)) as display:
+        for event in events:
+            display(event)
+    assert "eval step 2: loss 1.0000" in out.getvalue()
