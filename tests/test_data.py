@@ -2,9 +2,11 @@
 
 import json
 import logging
+import random
 
 import numpy as np
 import pytest
+from conftest import WORDS
 
 from lmtune import data
 from lmtune.config import Config
@@ -341,3 +343,25 @@ def test_the_same_file_for_training_and_validation_is_flagged_in_a_real_run(cli,
     assert [w.split(" (")[0] for w in overlap_warnings(caplog)] == [
         "120 of the 120 validation documents also appear in the training data"
     ]
+
+
+def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids_with_progress(tok, monkeypatch):
+    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(data, "BATCH_CHARS", 1000)
+    r = random.Random(0)
+    # Words with every kind of space between them: runs of spaces, newlines, tabs, a space before a newline.
+    gaps = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", "   "]
+    long = "".join(r.choice(WORDS) + r.choice(gaps) for _ in range(4000)) + "the end."  # ~20k characters
+    docs = ["a short one", long, "", "another short one"]
+    events = []
+    ids = data.tokenize(docs, tok, events.append, "x")
+    assert [x.tolist() for x in ids] == [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    done = [e["done"] for e in events]
+    assert len(done) > 10 and done == sorted(done) and done[-1] == events[-1]["total"] > len(docs)
+    # Text with no whitespace to cut at is cut mid-word: the tokens at each cut may differ, the text not.
+    blob = "".join(r.choice(WORDS) for _ in range(500))
+    [blob_ids] = data.tokenize([blob], tok, lambda e: None, "x")
+    assert tok.decode(blob_ids.tolist()) == blob
+    # Still one document followed by one EOS in the stream.
+    stream = data.encode([long], tok, lambda e: None, "x").split([0], tok.eos_token_id, np.int32)
+    assert stream.documents == 1 and stream.ids.tolist() == [*ids[1].tolist(), tok.eos_token_id]
