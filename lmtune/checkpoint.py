@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -136,13 +137,21 @@ def commit(tmp: Path, root: Path, step: int, keep: int) -> Path:
 def abandon(tmp: Path, step: int, err: BaseException) -> LmtuneError | None:
     """Remove a checkpoint cut short by `err`; a full disk or other I/O failure becomes a clear error."""
     shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(err, OSError):
-        reason = err.strerror or str(err)
+    if isinstance(err, OSError) or "os error" in str(err):
         return LmtuneError(
-            f"could not save the checkpoint of step {step} in {tmp.parent}: {reason}; "
+            f"could not save the checkpoint of step {step} in {tmp.parent}: {reason(err)}; "
             "nothing partial was left and earlier checkpoints are kept"
         )
     return None
+
+
+def reason(err: BaseException) -> str:
+    """Why a write failed, in words: an OSError's own, or the OS's words inside a library's error
+    (safetensors reports a full disk as `... { code: 28, ..., message: "No space left on device" }`)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r'message: "([^"]+)"', str(err))
+    return found.group(1) if found else first_line(err)
 
 
 def complete(root: Path) -> list[Path]:

@@ -161,10 +161,16 @@ def finetune(
         f"{result['train_tokens']:,} tokens, {result['tokens_per_second']:,.0f} tokens/s\n"
         f"perplexity [bold]{result['base_eval_perplexity']:.2f}[/] before -> [bold]{result['eval_perplexity']:.2f}[/] after "
         f"(loss {result['base_eval_loss']:.4f} -> {result['eval_loss']:.4f}, {result['eval_tokens']:,} validation tokens)\n"
-        f'saved to [bold]{result["output"]}[/]; try: lmtune generate "..."  or  lmtune eval'
+        f'saved to [bold]{result["output"]}[/]; try: lmtune generate "..."  or  lmtune eval',
+        soft_wrap=True,  # whole lines in a log file; a terminal wraps them itself
     )
     if result["hub_url"]:
         console.print(f"uploaded to [bold]{result['hub_url']}[/]")
+    if result["finished_despite"]:
+        console.print(
+            f"({result['finished_despite']} came after the last step: the run was finished and saved, "
+            "which takes as long as the checkpoint it asks for)"
+        )
 
 
 @app.command()

@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from lmtune.config import Config
 from lmtune.errors import LmtuneError
 
+log = logging.getLogger("lmtune")
+
 # A run folder is complete once this file is written, last.
 SUMMARY = "summary.json"
+# Held (flock) by the run writing the folder, so a second run on the same --output is refused.
+LOCK = ".lmtune.lock"
 
 
 def home() -> Path:
     """lmtune's own state and caches: $LMTUNE_HOME, else ~/.cache/lmtune."""
     return Path(os.environ.get("LMTUNE_HOME") or Path.home() / ".cache" / "lmtune")
+
+
+def check_home() -> Path:
+    """lmtune's home as a writable folder, checked before any work: caches and `latest-run` are written there."""
+    path = home()
+    where = f"lmtune's cache folder {path} (LMTUNE_HOME, default ~/.cache/lmtune)"
+    if path.exists() and not path.is_dir():
+        raise LmtuneError(f"{where} is a file; point LMTUNE_HOME at a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise LmtuneError(
+            f"{where} is not writable ({err.strerror or err}); point LMTUNE_HOME at a writable folder"
+        ) from None
+    return path
 
 
 def default_output(cfg: Config) -> Path:
@@ -27,26 +52,37 @@ def default_output(cfg: Config) -> Path:
     return Path("runs") / f"{start}-{short(cfg.data)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def check_output(output: Path, model: str | None, overwrite: bool, resume: bool = False) -> None:
+def check_output(
+    output: Path, model: str | None, overwrite: bool, resume: bool = False, inputs: dict[str, str | None] | None = None
+) -> None:
     """Refuse to write over an existing run or into the model being trained; say when --resume applies.
 
     The rule, with no prompt: a new run needs an empty or missing folder (or --overwrite); --resume needs
-    an unfinished run (no summary.json) there.
+    an unfinished run (no summary.json) there. `inputs` (model, tokenizer, data, ... by name): local paths
+    that --overwrite must not delete.
     """
     if model and Path(model).exists() and output.resolve().is_relative_to(Path(model).resolve()):
         raise LmtuneError(f"--output {output} is inside the model folder {model}; choose a folder outside it")
+    if overwrite and output.exists():
+        for what, value in (inputs or {}).items():
+            if value and Path(value).exists() and Path(value).resolve().is_relative_to(output.resolve()):
+                raise LmtuneError(
+                    f"--overwrite would delete {output}, which holds this run's {what} ({value}); "
+                    "move it out first or choose another --output"
+                )
     if output.exists() and not output.is_dir():
         raise LmtuneError(f"--output {output} is a file; choose a folder")
     if resume and overwrite:
         raise LmtuneError("--resume continues a run and --overwrite replaces it; pass one of them")
     finished = (output / SUMMARY).is_file()
+    empty = not output.is_dir() or not any(p.name != LOCK for p in output.iterdir())
     if resume:
-        if not output.is_dir():
+        if empty:
             raise LmtuneError(f"nothing to resume: {output} does not exist; pass the --output of the stopped run")
         if finished:
             raise LmtuneError(f"run {output} already finished (it has {SUMMARY}); nothing to resume")
         return
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if not empty and not overwrite:
         if not finished and (output / "checkpoints").is_dir():
             raise LmtuneError(
                 f"run folder {output} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
@@ -55,11 +91,63 @@ def check_output(output: Path, model: str | None, overwrite: bool, resume: bool 
 
 
 def remember(run: Path) -> None:
+    """Note `run` as the latest (what generate and eval use by default). The run is complete before this:
+    a failure here is a warning, never a failed run."""
     path = home() / "latest-run"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(run.resolve()))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(run.resolve()))
+        tmp.replace(path)
+    except OSError as err:
+        log.warning("could not note %s as the latest run in %s (%s); pass --model %s", run, path, err.strerror, run)
+
+
+class Lock:
+    """The run folder held by this process (an flock on `.lmtune.lock` inside it), released when the
+    process ends however it ends, kill -9 included. A folder this made and left holding only the lock is
+    removed again on exit (a run that failed before writing anything)."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.made = not output.exists()
+        self.file: IO[str] | None = None
+
+    def __enter__(self) -> Lock:
+        if self.output.exists() and not self.output.is_dir():
+            raise LmtuneError(f"--output {self.output} is a file; choose a folder")
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.file = (self.output / LOCK).open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise LmtuneError(
+                f"another lmtune run (process {holder}) is writing to {self.output}; wait for it to finish "
+                "or choose another --output"
+            ) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.file
+        self.file.close()
+        if self.made and [p.name for p in self.output.iterdir()] == [LOCK]:
+            (self.output / LOCK).unlink()
+            self.output.rmdir()
+
+
+def clear(output: Path) -> None:
+    """Empty a run folder for --overwrite, keeping the lock this run holds in it."""
+    import shutil
+
+    for path in output.iterdir():
+        if path.name != LOCK:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def latest() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import itertools
@@ -152,8 +153,12 @@ def save_model(model: Any, weights: dict[str, Any], tokenizer: Any, folder: Path
     it first so no half-written model is seen."""
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:  # a full disk, a second Ctrl-C: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     folder.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
         f.replace(folder / f.name)
@@ -200,21 +205,42 @@ def finetune(
     resume: continue the run in cfg.output from its newest complete checkpoint; force: even if settings
     that decide the model or the data order changed.
     """
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedType, gather_object, set_seed
-    from transformers import get_scheduler
-
     if not cfg.data:
         raise LmtuneError("no training data: pass --data with a file, a folder or a hub dataset name")
     if not cfg.model and not cfg.from_scratch:
         raise LmtuneError("no model: pass a hub id or a folder (lmtune finetune gpt2 ...), or --from-scratch")
     cfg = absolute_paths(cfg)
-    output = Path(cfg.output) if cfg.output else runs.default_output(cfg)
-    if not dry_run:
-        runs.check_output(output, cfg.model, overwrite, resume)
-        if cfg.push_to_hub:  # before training, not after hours of it
-            hub.check_push(cfg.push_to_hub)
-    resume_from = find_resume_checkpoint(output, report) if resume else None
+    runs.check_home()  # caches and the latest run are written there: a bad LMTUNE_HOME fails now, not at the end
+    output = Path(cfg.output).expanduser() if cfg.output else runs.default_output(cfg)
+    if cfg.push_to_hub and not dry_run:  # before training, not after hours of it
+        hub.check_push(cfg.push_to_hub)
+    # The run folder is held from here to the end, so a second run on it is refused before it tokenizes
+    # (and before it looks at the folder). By the first process only: accelerate's main process is global
+    # rank 0, RANK under torchrun.
+    holds_folder = not dry_run and os.environ.get("RANK", "0") == "0"
+    with runs.Lock(output) if holds_folder else contextlib.nullcontext(), StopSignals() as stop:
+        if not dry_run:
+            inputs = {"model": cfg.model, "tokenizer": cfg.tokenizer, "data": cfg.data}
+            runs.check_output(output, cfg.model, overwrite, resume, {**inputs, "validation data": cfg.validation_data})
+        resume_from = find_resume_checkpoint(output, report) if resume else None
+        return run(cfg, output, resume_from, stop, dry_run=dry_run, overwrite=overwrite, force=force, report=report)
+
+
+def run(
+    cfg: Config,
+    output: Path,
+    resume_from: Path | None,
+    stop: StopSignals,
+    *,
+    dry_run: bool,
+    overwrite: bool,
+    force: bool,
+    report: Report,
+) -> dict[str, Any]:
+    """The run itself, once its inputs are checked and its folder is held: prepare, train, save."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedType, gather_object, set_seed
+    from transformers import get_scheduler
 
     precision = resolve_precision(cfg.mixed_precision)
     check_tracker(cfg.report_to)
@@ -353,9 +379,9 @@ def finetune(
                 f"order: {', '.join(changed)}; use the run's settings (--recipe {output / 'config.yaml'}) or pass --force"
             )
     if main:
-        if overwrite:
-            shutil.rmtree(output, ignore_errors=True)
         output.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            runs.clear(output)
         (output / "config.yaml").write_text(cfg.to_yaml())
         if saved:  # what was logged after the checkpoint will be logged again
             keep_metrics_until(output / "metrics.jsonl", saved["step"])
@@ -382,6 +408,8 @@ def finetune(
             rank=accelerator.process_index, world=accelerator.num_processes,
             autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), report=say, chunked=chunked,
         )  # fmt: skip
+        if step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
+            raise non_finite(output, f"the evaluation loss became {s.loss} at step {step}", cfg.learning_rate)
         record({"event": "eval", "step": step, "tokens": tokens, "eval_loss": s.loss, "eval_perplexity": s.perplexity})
         return s
 
@@ -389,10 +417,16 @@ def finetune(
         """Stop, saving nothing, if any process saw a non-finite loss or gradient norm (one sync)."""
         bad = accelerator.gather(bad_step.reshape(1))
         if (bad > 0).any():
-            raise LmtuneError(
-                f"the loss or the gradient norm became nan or inf at step {int(bad[bad > 0].min())}; stopped, and "
-                "the last checkpoint was kept. Lower --lr, keep --max-grad-norm on, or use --mixed-precision no"
-            )
+            where = f"the loss or the gradient norm became nan or inf at step {int(bad[bad > 0].min())}"
+            raise non_finite(output, where, cfg.learning_rate)
+
+    def check_weights(step: int) -> None:
+        """Stop before saving weights that hold nan or inf (an update can make them so with a finite loss)."""
+        bad = torch.zeros((), device=accelerator.device)
+        for p in model.parameters():  # under FSDP each process checks its own shards
+            bad += (~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p.detach())).any()
+        if accelerator.reduce(bad, "sum").item():
+            raise non_finite(output, f"the weights hold nan or inf after step {step}", cfg.learning_rate)
 
     def save_checkpoint(state: dict[str, Any]) -> Path | None:
         """Every process's RNG and loss sum plus the shared state, written aside and renamed when complete."""
@@ -416,7 +450,11 @@ def finetune(
                 raise error from None
             raise
 
+    # From here a signal asks for a checkpoint at the next step boundary instead of stopping at once.
+    stop.armed = True
     base = Score(**saved["base"]) if saved else evaluate(0, 0)
+    if stop.requested(accelerator):
+        raise stop.error(step=saved.get("step", 0), saved_to=resume_from, output=output)
     save_every = cfg.save_every if cfg.save_every is not None else eval_every
 
     # --- the training loop ------------------------------------------------------------------------
@@ -429,6 +467,7 @@ def finetune(
     if saved:
         checkpoint.load_optimizer_state(model, optimizer, tensors["optimizer"], fsdp)
         scheduler.load_state_dict(saved["scheduler"])
+        use_learning_rate(scheduler, cfg.learning_rate, say)
         step, tokens_seen, train_seconds = saved["step"], saved["tokens_seen"], saved["train_seconds"]
         start_epoch, skip = saved["epoch"], saved["batch_in_epoch"]
         mine = tensors["processes"][accelerator.process_index]
@@ -439,85 +478,89 @@ def finetune(
             start_epoch, skip = start_epoch + 1, 0
     model.train()
     tick = time.perf_counter()
-    with StopSignals() as stop:
-        for epoch in range(start_epoch, epochs):
-            loader.set_epoch(epoch)
-            # Resuming: the random state goes back where the stopped run had it, which is before a new
-            # epoch's data iterator draws its seed from it, and after, mid-epoch.
-            if rng is not None and not skip:
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:
+            break
+        loader.set_epoch(epoch)
+        # Resuming: the random state goes back where the stopped run had it, which is before a new
+        # epoch's data iterator draws its seed from it, and after, mid-epoch.
+        if rng is not None and not skip:
+            checkpoint.set_rng_state(rng)
+            rng = None
+        # Resuming mid-epoch: the same order, `skip` batches in; skipped batches are never loaded.
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batch_in_epoch, skip = skip, 0
+        for inputs, labels, real_tokens in batches:  # (B, T) token ids, (B, T) targets or IGNORE
+            if rng is not None:
                 checkpoint.set_rng_state(rng)
                 rng = None
-            # Resuming mid-epoch: the same order, `skip` batches in; skipped batches are never loaded.
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            batch_in_epoch, skip = skip, 0
-            for inputs, labels, real_tokens in batches:  # (B, T) token ids, (B, T) targets or IGNORE
-                if rng is not None:
-                    checkpoint.set_rng_state(rng)
-                    rng = None
-                # forward and backward; accelerate sums micro-batches and syncs on the last one
-                with accelerator.accumulate(model):
-                    batch_loss, n_labels = next_token_loss(model, head, inputs, labels, chunked, accelerator)
-                    accelerator.backward(batch_loss)
-                    finite = torch.isfinite(batch_loss.detach())
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        # FSDP2 returns the norm as a DTensor, which cannot be combined with a plain tensor
-                        finite &= torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                bad_step = torch.where((bad_step == 0) & ~finite, step + 1, bad_step)  # on device: no sync
-                batch_in_epoch += 1
-                loss_sum += batch_loss.detach() * n_labels
-                loss_tokens += n_labels
-                # Every process gets as many batches (accelerate's even_batches); of packed text, of the
-                # same shape, so this is exact; of chat data, padded per batch, it is this process's share.
-                tokens_seen += real_tokens * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                step += 1
-                say({"event": "progress", "step": step, "total_steps": total_steps})
+            # forward and backward; accelerate sums micro-batches and syncs on the last one
+            with accelerator.accumulate(model):
+                batch_loss, n_labels = next_token_loss(model, head, inputs, labels, chunked, accelerator)
+                accelerator.backward(batch_loss)
+                finite = torch.isfinite(batch_loss.detach())
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    # FSDP2 returns the norm as a DTensor, which cannot be combined with a plain tensor
+                    finite &= torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            bad_step = torch.where((bad_step == 0) & ~finite, step + 1, bad_step)  # on device: no sync
+            batch_in_epoch += 1
+            loss_sum += batch_loss.detach() * n_labels
+            loss_tokens += n_labels
+            # Every process gets as many batches (accelerate's even_batches); of packed text, of the
+            # same shape, so this is exact; of chat data, padded per batch, it is this process's share.
+            tokens_seen += real_tokens * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            say({"event": "progress", "step": step, "total_steps": total_steps})
 
-                # log: the only host-device sync of a training step, once every log_every steps
-                if step % cfg.log_every == 0 or step == total_steps:
-                    check_finite(bad_step)
-                    mean = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_tokens, "sum")).item()
-                    train_seconds += time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    record({
-                        "event": "train", "step": step, "epoch": epoch, "tokens": tokens_seen,
-                        "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_second": tokens_seen / train_seconds, "elapsed": train_seconds,
-                    })  # fmt: skip
-                    loss_sum.zero_()
-                    loss_tokens.zero_()
+            # log: the only host-device sync of a training step, once every log_every steps
+            if step % cfg.log_every == 0 or step == total_steps:
+                check_finite(bad_step)
+                mean = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_tokens, "sum")).item()
+                train_seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                record({
+                    "event": "train", "step": step, "epoch": epoch, "tokens": tokens_seen,
+                    "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_second": tokens_seen / train_seconds, "elapsed": train_seconds,
+                })  # fmt: skip
+                loss_sum.zero_()
+                loss_tokens.zero_()
 
-                # evaluate and checkpoint (not counted as training time); a signal saves one at once
-                stopping = stop.requested(accelerator)
-                if eval_every and step % eval_every == 0 and step < total_steps:
-                    train_seconds += time.perf_counter() - tick
-                    evaluate(step, tokens_seen)
-                    tick = time.perf_counter()
-                if stopping or (save_every and step % save_every == 0 and step < total_steps):
-                    check_finite(bad_step)
-                    train_seconds += time.perf_counter() - tick
-                    saved_to = save_checkpoint({
-                        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens_seen": tokens_seen,
-                        "train_seconds": train_seconds, "scheduler": scheduler.state_dict(),
-                        "base": asdict(base), "processes": accelerator.num_processes, "fsdp": fsdp,
-                        "config": cfg.model_dump(exclude={"output"}),
-                    })  # fmt: skip
-                    tick = time.perf_counter()
-                    if stopping:
-                        raise stop.error(step, saved_to or output, output)
-                if step >= total_steps:
-                    break
+            # evaluate and checkpoint (not counted as training time); a signal saves one at once
+            stopping = stop.requested(accelerator)
+            if eval_every and step % eval_every == 0 and step < total_steps:
+                train_seconds += time.perf_counter() - tick
+                evaluate(step, tokens_seen)
+                tick = time.perf_counter()
+            if stopping or (save_every and step % save_every == 0 and step < total_steps):
+                check_finite(bad_step)
+                check_weights(step)
+                train_seconds += time.perf_counter() - tick
+                saved_to = save_checkpoint({
+                    "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens_seen": tokens_seen,
+                    "train_seconds": train_seconds, "scheduler": scheduler.state_dict(),
+                    "base": asdict(base), "processes": accelerator.num_processes, "fsdp": fsdp,
+                    "config": cfg.model_dump(exclude={"output"}),
+                })  # fmt: skip
+                tick = time.perf_counter()
+                if stopping:
+                    raise stop.error(step, saved_to or output, output)
             if step >= total_steps:
                 break
+        if step >= total_steps:
+            break
     train_seconds += time.perf_counter() - tick
     check_finite(bad_step)
 
+    # A signal from here on finishes the run: saving it takes as long as the checkpoint a signal asks for.
     final = evaluate(step, tokens_seen)
+    check_weights(step)
     weights = whole_weights(accelerator, model)
     accelerator.wait_for_everyone()
     summary = {
@@ -539,7 +582,10 @@ def finetune(
     if main:
         assert metrics is not None
         metrics.close()
-        save_model(accelerator.unwrap_model(model), weights, tokenizer, output)
+        try:
+            save_model(accelerator.unwrap_model(model), weights, tokenizer, output)
+        except Exception as err:  # a full disk: say what was lost, what was kept and how to go on
+            raise final_save_failed(output, step, err) from None
         # What a person reads: the training curves and a model card (README.md, the hub's format).
         card.plot_curves(output, base.perplexity)
         (output / card.CARD).write_text(card.model_card(output, cfg, summary))
@@ -557,18 +603,22 @@ def finetune(
     accelerator.end_training()
     # Last: the run is complete on disk whatever happens to the upload.
     summary["hub_url"] = hub.push(output, cfg.push_to_hub) if main and cfg.push_to_hub else None
+    # Told to the user, not kept in summary.json: a signal that came after the last step.
+    summary["finished_despite"] = signal.Signals(stop.signal).name if stop.signal else None
     return summary
 
 
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM ask the loop to checkpoint and stop at the next step boundary.
 
-    A second Ctrl-C stops at once (KeyboardInterrupt). Outside the main thread signals cannot be caught,
+    Before training is `armed` (tokenizing, loading) there is nothing to save: a signal stops at once. A
+    second Ctrl-C stops at once too (KeyboardInterrupt). Outside the main thread signals cannot be caught,
     and the default behaviour stays.
     """
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.armed = False
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -581,8 +631,13 @@ class StopSignals:
             signal.signal(s, handler)
 
     def handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not self.armed:
+            raise LmtuneError(f"stopped by {name} before training started; nothing was saved", 128 + signum)
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.signal is None:  # said at once: a checkpoint or the end of an evaluation may take a while
+            log.warning("%s: stopping at the next step with a checkpoint (Ctrl-C again stops at once, unsaved)", name)
         self.signal = signum
 
     def requested(self, accelerator: Any) -> bool:
@@ -592,13 +647,59 @@ class StopSignals:
         flag = torch.tensor(int(self.signal is not None), device=accelerator.device)
         return bool(accelerator.reduce(flag, "sum").item())
 
-    def error(self, step: int, saved_to: Path, output: Path) -> LmtuneError:
+    def error(self, step: int, saved_to: Path | None, output: Path) -> LmtuneError:
         name = signal.Signals(self.signal or signal.SIGTERM).name
+        code = 128 + (self.signal or signal.SIGTERM)
+        if saved_to is None:  # before the first step of a new run
+            return LmtuneError(f"stopped by {name} before the first step; start over with --overwrite", code)
         return LmtuneError(
             f"stopped by {name} after step {step}; checkpoint saved in {saved_to}. Resume with: "
             f"lmtune finetune --recipe {output / 'config.yaml'} --output {output} --resume",
-            exit_code=128 + (self.signal or signal.SIGTERM),
+            exit_code=code,
         )
+
+
+def use_learning_rate(scheduler: Any, lr: float, report: Report) -> None:
+    """A resumed run's peak learning rate is --lr, not the stopped run's (restored with the scheduler's state):
+    resuming with a lower --lr is the way on from a run that diverged."""
+    if scheduler.base_lrs[0] == lr:
+        return
+    report({"event": "phase", "phase": f"learning rate changed on resume: {scheduler.base_lrs[0]:g} -> {lr:g}"})
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def final_save_failed(output: Path, step: int, err: Exception) -> LmtuneError:
+    """The error for a run whose last save failed: nothing partial is left (save_model), checkpoints are kept."""
+    kept = checkpoint.complete(output / "checkpoints")
+    where = (
+        f"the last checkpoint, {kept[-1]}, is kept: free space and resume with: lmtune finetune --recipe "
+        f"{output / 'config.yaml'} --output {output} --resume"
+        if kept
+        else "no checkpoint had been saved (--save-every): free space and start over with --overwrite"
+    )
+    return LmtuneError(
+        f"could not save the trained model (step {step}) in {output}: {checkpoint.reason(err)}; nothing partial "
+        f"was left; {where}"
+    )
+
+
+def non_finite(output: Path, what: str, lr: float) -> LmtuneError:
+    """The error that stops a run whose numbers went non-finite, naming the last checkpoint (all of them were
+    checked finite before they were written) and how to go on from it."""
+    kept = checkpoint.complete(output / "checkpoints")
+    if not kept:
+        return LmtuneError(
+            f"{what}; stopped, and no checkpoint had been saved. Start over with --overwrite and a lower --lr "
+            f"(this run's was {lr:g}), keep --max-grad-norm on, or use --mixed-precision no"
+        )
+    return LmtuneError(
+        f"{what}; stopped before saving. The last checkpoint, {kept[-1]}, is good: resume from it with a lower "
+        f"learning rate: lmtune finetune --recipe {output / 'config.yaml'} --output {output} --resume --lr {lr / 10:g}"
+    )
 
 
 def check_tracker(name: str) -> None:

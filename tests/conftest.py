@@ -104,12 +104,14 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def lmtune_home(tmp_path, monkeypatch) -> Path:
-    """Each test gets its own cache and its own 'latest run'."""
+def lmtune_home(tmp_path):
+    """Each test gets its own cache and its own 'latest run'. Its own MonkeyPatch: a test's
+    `monkeypatch.undo()` must not send lmtune to the user's real cache."""
     home = tmp_path / "lmtune-home"
-    monkeypatch.setenv("LMTUNE_HOME", str(home))
-    monkeypatch.delenv("RANK", raising=False)
-    return home
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMTUNE_HOME", str(home))
+        mp.delenv("RANK", raising=False)
+        yield home
 
 
 @dataclass

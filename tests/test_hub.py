@@ -104,7 +104,6 @@ def test_offline_lmtune_push_advises_what_fits_the_command():
         hub.check_push("me/model")  # --push-to-hub, as finetune calls it
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli.py's push command to call hub.check_push(repo, command='push')")
 def test_offline_lmtune_push_command_says_so(cli, tmp_path):
     (tmp_path / "summary.json").write_text("{}")  # a finished run, as far as push looks
     r = cli("push", tmp_path, "me/model")

@@ -193,8 +193,118 @@ def test_a_second_ctrl_c_stops_at_once():
     from lmtune.train import StopSignals
 
     with StopSignals() as stop:
+        stop.armed = True  # training has started: there is something to save
         os.kill(os.getpid(), signal.SIGINT)  # the first asks for a checkpoint at the next step
         assert stop.signal == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+def finite_weights(folder):
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
+
+
+def test_a_diverging_run_stops_before_its_weights_are_saved(cli, tiny_model, corpus, tmp_path):
+    """--lr 1e9: the loss of step 1 is finite, the weights after it are not; nothing non-finite is saved."""
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out, "--lr", "1e9", "--eval-every", "1")
+    assert r.code == 1
+    last = r.err.strip().splitlines()[-1]
+    assert "at step 1" in last and "no checkpoint had been saved" in last and "--overwrite" in last, last
+    assert steps_saved(out) == [] and not (out / "model.safetensors").exists()
+
+
+def test_resuming_a_diverged_run_with_a_lower_lr_goes_on_from_a_good_checkpoint(
+    cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint.torch, "save", _fail_after(2))
+    assert short_run(cli, tiny_model, corpus, out, "--lr", "1e-3").code == 1  # stopped after two checkpoints
+    monkeypatch.undo()
+
+    diverged = short_run(cli, tiny_model, corpus, out, "--resume", "--lr", "1e9", "--eval-every", "1")
+    last = diverged.err.strip().splitlines()[-1]
+    assert diverged.code == 1 and "step-0000002, is good" in last and "--resume --lr 1e+08" in last, last
+    assert steps_saved(out) == ["step-0000001", "step-0000002"]
+    assert all(finite_weights(out / "checkpoints" / name) for name in steps_saved(out))
+
+    resumed = short_run(cli, tiny_model, corpus, out, "--resume", "--lr", "1e-4")
+    assert resumed.code == 0, resumed.err
+    assert "learning rate changed on resume: 0.001 -> 0.0001" in resumed.out
+    lrs = [e["lr"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "train"]
+    assert max(lrs[2:]) <= 1e-4 < lrs[1], lrs  # steps 3 on ran with the new peak learning rate
+    assert finite_weights(out) and json.loads((out / "summary.json").read_text())["eval_loss"] < 10
+
+
+def kill_self_on_call(monkeypatch, module, name, call, times=1):
+    """Replace module.name by a wrapper that sends this process SIGINT (Ctrl-C) on its `call`-th call."""
+    import os
+
+    real, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+@pytest.mark.parametrize("where, call", [("score", 4), ("save_model", 1)])  # evaluations at steps 0, 2, 4 and 6
+def test_ctrl_c_during_the_final_evaluation_or_save_finishes_the_run(
+    where, call, cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    from lmtune import train
+
+    kill_self_on_call(monkeypatch, train, where, call)
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out)
+    assert r.code == 0, r.err
+    assert "SIGINT came after the last step" in r.out
+    assert (out / "summary.json").is_file() and finite_weights(out)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_while_tokenizing_stops_at_once_and_leaves_nothing(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    from lmtune import data
+
+    kill_self_on_call(monkeypatch, data, "encode", 1)
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out)
+    assert r.code == 130 and "before training started; nothing was saved" in r.err, r.err
+    assert not out.exists()  # the folder the run had taken is given back
+
+
+def test_a_full_disk_during_the_final_save_says_what_was_kept_and_how_to_resume(
+    cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    real = modeling_utils.safe_save_file
+
+    def full_disk_outside_checkpoints(tensors, filename, *args, **kwargs):
+        if "checkpoints" not in str(filename):
+            raise SafetensorError(
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            )
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk_outside_checkpoints)
+    out = tmp_path / "run"
+    r = short_run(cli, tiny_model, corpus, out, "--save-every", "2")
+    last = r.err.strip().splitlines()[-1]
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"could not save the trained model (step 6) in {out}: No space left on device" in last, last
+    assert "step-0000004, is kept" in last and "--resume" in last, last
+    assert not (out / "summary.json").exists() and not (tmp_path / ".run.tmp").exists()
+
+    monkeypatch.undo()
+    resumed = short_run(cli, tiny_model, corpus, out, "--save-every", "2", "--resume")
+    assert resumed.code == 0, resumed.err
+    assert (out / "summary.json").is_file()
