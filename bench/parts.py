@@ -27,7 +27,7 @@ def data_prep(a: argparse.Namespace) -> dict[str, Any]:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="bench-datasets-")
     from datasets import load_dataset
 
-    from lmtune import data
+    from lmtune import batches, data
     from lmtune.config import Config
     from lmtune.model import load_tokenizer
 
@@ -36,7 +36,7 @@ def data_prep(a: argparse.Namespace) -> dict[str, Any]:
 
     def lmtune_prep() -> int:
         corpus = data.load_corpus(cfg, tokenizer, lambda e: None)
-        data.pack(corpus.train.ids, a.block_size)
+        batches.pack(corpus.train.ids, a.block_size)
         return len(corpus.train.ids) + len(corpus.validation.ids)
 
     tokens, cold = seconds(lmtune_prep)

@@ -128,7 +128,7 @@ def cuda() -> bool:
 
 def bf16_is_fast() -> bool:
     sys.path.insert(0, str(ROOT))
-    from lmtune.train import resolve_precision
+    from lmtune.setup import resolve_precision
 
     return cuda() or resolve_precision("auto") == "bf16"
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmtune import atomic, runs
 from lmtune.config import Config
 from lmtune.model import looks_local
 
-CURVES = "curves.png"
-CARD = "README.md"
 PATH_KEYS = ("model", "tokenizer", "data", "validation_data")  # config keys that may hold local paths
 
 
@@ -33,7 +32,7 @@ def hide_paths(text: str, names: dict[str, str]) -> str:
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
+    path = run / runs.METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -61,7 +60,7 @@ def plot_curves(run: Path, base_perplexity: float) -> Path:
     ax_ppl.legend()
     fig.suptitle(run.name)
     fig.tight_layout()
-    path = run / CURVES
+    path = run / runs.CURVES
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -83,10 +82,9 @@ def plot_perplexities(results: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title(f"on {Path(results[0]['data']).name}, context {results[0]['context']}, stride {results[0]['stride']}")
     ax.tick_params(axis="x", labelrotation=15)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    with atomic.written_beside(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".").lower())
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -121,7 +119,7 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
         f"{summary['base_eval_bits_per_byte']:.4f} |",
         f"| after | {summary['eval_loss']:.4f} | {summary['eval_perplexity']:.2f} | {summary['eval_bits_per_byte']:.4f} |",
         "",
-        f"![training curves]({CURVES})",
+        f"![training curves]({runs.CURVES})",
         "",
         "## Settings",
         "",

@@ -20,20 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtune import atomic, runs
+from lmtune.config import RESUME_MUST_MATCH, Config
 from lmtune.errors import LmtuneError, first_line
+from lmtune.events import Report
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
 TENSORS = "training_state.pt"
-
-# Keys that decide the model or the order of the data: a resumed run with any of them changed would
-# not be a continuation, so it is refused unless forced.
-SAME_RUN_KEYS = (
-    "model", "from_scratch", "tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "dtype",
-    "dropout", "data", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents", "block_size",
-    "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank", "lora_alpha", "lora_dropout",
-    "lora_targets",
-)  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,29 +70,63 @@ def folder_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def begin(root: Path, step: int) -> Path:
-    """A fresh temporary folder for the checkpoint of `step` (main process only)."""
-    tmp = root / f".{folder_name(step)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def write(
-    tmp: Path,
+def save(
+    root: Path,
+    step: int,
+    keep: int,
     model: Any,
     weights: dict[str, Any],
     tokenizer: Any,
     optimizer_state: dict[str, Any],
     processes: list[dict[str, Any]],
     state: dict[str, Any],
-) -> None:
-    """Everything but the completion mark (main process only). weights, optimizer_state: whole state
-    dicts, gathered by every process under FSDP; processes: each one's RNG states and loss sum."""
-    model.save_pretrained(tmp, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer_state, "processes": processes}, tmp / TENSORS)
-    (tmp / STATE).write_text(json.dumps({**state, "versions": versions()}, indent=2) + "\n")
+) -> Path:
+    """Write the checkpoint of `step` under `root` (main process only), then delete all but the newest `keep`.
+
+    weights, optimizer_state: whole state dicts (gathered by every process under FSDP); processes: each
+    one's RNG states and loss sums; state: the shared progress and settings. A failure leaves nothing
+    partial; a full disk or other I/O failure becomes a clear error.
+    """
+    final = root / folder_name(step)
+    try:
+        with atomic.written_beside(final, folder=True) as tmp:
+            model.save_pretrained(tmp, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": optimizer_state, "processes": processes}, tmp / TENSORS)
+            (tmp / STATE).write_text(json.dumps({**state, "versions": versions()}, indent=2) + "\n")
+            (tmp / COMPLETE).write_text("")  # last: a folder without it was cut short
+    except Exception as err:
+        if isinstance(err, OSError) or "os error" in str(err):
+            raise LmtuneError(
+                f"could not save the checkpoint of step {step} in {root}: {reason(err)}; "
+                "nothing partial was left and earlier checkpoints are kept"
+            ) from None
+        raise
+    for old in complete(root)[:-keep]:
+        (old / COMPLETE).unlink()  # first, so a deletion cut short never looks complete
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_model(model: Any, weights: dict[str, Any], tokenizer: Any, folder: Path) -> None:
+    """The final model (safetensors) with `weights` (its whole state dict) and tokenizer, into the run
+    folder: written beside it first, so no half-written model is ever seen there."""
+    with atomic.written_beside(folder, into=True) as tmp:
+        model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+
+
+def whole_weights(accelerator: Any, model: Any) -> dict[str, Any]:
+    """The prepared model's full state dict; every process must call it (under FSDP the main process gets
+    the weights gathered from all, the others {})."""
+    weights = accelerator.get_state_dict(model)
+    # Gathered weights are copies, tied ones too (GPT-2's output layer is its input embedding); made one
+    # tensor again, save_pretrained writes them once, as without FSDP.
+    first: dict[int, str] = {}
+    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if name in weights:
+            weights[name] = weights[first.setdefault(id(p), name)]
+    return dict(weights)
 
 
 def optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, Any]:
@@ -120,29 +148,6 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], fsdp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def commit(tmp: Path, root: Path, step: int, keep: int) -> Path:
-    """Mark complete, move into place, then delete all but the newest `keep` complete checkpoints."""
-    (tmp / COMPLETE).write_text("")
-    final = root / folder_name(step)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in complete(root)[:-keep]:
-        (old / COMPLETE).unlink()  # first, so a deletion cut short never looks complete
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def abandon(tmp: Path, step: int, err: BaseException) -> LmtuneError | None:
-    """Remove a checkpoint cut short by `err`; a full disk or other I/O failure becomes a clear error."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(err, OSError) or "os error" in str(err):
-        return LmtuneError(
-            f"could not save the checkpoint of step {step} in {tmp.parent}: {reason(err)}; "
-            "nothing partial was left and earlier checkpoints are kept"
-        )
-    return None
 
 
 def reason(err: BaseException) -> str:
@@ -175,5 +180,67 @@ def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The SAME_RUN_KEYS whose values differ between the checkpoint's config and this one."""
-    return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in SAME_RUN_KEYS if saved.get(k) != now.get(k)]
+    """The settings that must match on resume and differ between the checkpoint's config and this one."""
+    return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+
+
+# --- resuming ----------------------------------------------------------------------------------------
+
+
+def check_resumable(saved: dict[str, Any], cfg: Config, processes: int, fsdp: bool, output: Path, force: bool) -> None:
+    """Refuse to resume a checkpoint with settings that would make it another run (unless forced)."""
+    changed = differences(saved["config"], cfg.model_dump(exclude={"output"}))
+    if saved["processes"] != processes:
+        changed.append(f"processes ({saved['processes']} -> {processes})")
+    if saved.get("fsdp", False) != fsdp:  # the optimizer state is stored differently
+        raise LmtuneError(
+            f"cannot resume {output}: its checkpoint was written {'with' if saved.get('fsdp') else 'without'} "
+            "FSDP; resume with the same accelerate config"
+        )
+    if changed and not force:
+        raise LmtuneError(
+            f"cannot resume {output}: these settings differ from the run's and change the model or the data "
+            f"order: {', '.join(changed)}; use the run's settings (--recipe {output / runs.CONFIG}) or pass --force"
+        )
+
+
+def use_learning_rate(scheduler: Any, lr: float, report: Report) -> None:
+    """A resumed run's peak learning rate is --lr, not the stopped run's (restored with the scheduler's state):
+    resuming with a lower --lr is the way on from a run that diverged."""
+    if scheduler.base_lrs[0] == lr:
+        return
+    report({"event": "phase", "phase": f"learning rate changed on resume: {scheduler.base_lrs[0]:g} -> {lr:g}"})
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records a resumed run will write again (after `step`), and a last line cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def find_resume_checkpoint(output: Path, report: Report) -> Path:
+    """The newest complete checkpoint of the run in `output`, naming any incomplete ones it passes over."""
+    root = output / runs.CHECKPOINTS
+    ignored = incomplete(root)
+    if ignored:
+        names = ", ".join(p.name for p in ignored)
+        report({"event": "phase", "phase": f"ignoring incomplete checkpoints: {names}"})
+    found = complete(root)
+    if not found:
+        raise LmtuneError(f"{output} has no complete checkpoint to resume from; start over with --overwrite")
+    report({"event": "phase", "phase": f"resuming from {found[-1]}"})
+    return found[-1]

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lmtune import config
+from lmtune.cpu_launch import cpu_processes_requested, launch_cpu_processes
 from lmtune.errors import LmtuneError
 
 app = typer.Typer(
@@ -143,19 +144,27 @@ def finetune(
     cfg = config.build(recipe, flags, overrides)
 
     quiet_libraries()
-    from lmtune.display import Display, duration, plan_table
+    from lmtune.display import Display, plan_table
+    from lmtune.events import silent
     from lmtune.train import finetune as run_finetune
 
     # Under `accelerate launch` every process runs this; only the first (RANK 0) talks to the terminal.
     if os.environ.get("RANK", "0") != "0":
-        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=lambda e: None)
+        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=silent)
         return
     with Display(console) as display:
         result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=display)
     if dry_run:
         title = "Dry run: nothing was trained and no run folder was made (tokenized data is cached for the real run)"
         console.print(plan_table(result, title))
-        return
+    else:
+        print_finished(result)
+
+
+def print_finished(result: dict[str, Any]) -> None:
+    """What a finished run did: time and speed, perplexity before and after, where it is."""
+    from lmtune.display import duration
+
     console.print(
         f"[bold green]done[/] in {duration(result['train_seconds'])}: {result['steps']} steps, "
         f"{result['train_tokens']:,} tokens, {result['tokens_per_second']:,.0f} tokens/s\n"
@@ -225,46 +234,70 @@ def generate(
     model = model or str(runs.latest())
     texts = read_prompts(prompts) if prompts else [prompt or ""]
     quiet_libraries()
-    from lmtune.generate import Sampling, as_chat, load, trained_on_chat
-    from lmtune.generate import generate as run_generate
-
-    def inputs(name: str, tokenizer: Any) -> tuple[list[str], str]:
-        """What the model is given: the prompts, or each as a chat turn; and what to print before its output."""
-        if chat if chat is not None else trained_on_chat(name):
-            return [as_chat(tokenizer, t) for t in texts], ""
-        return texts, texts[0]
+    from lmtune.generate import Sampling, load
 
     s = Sampling(max_new_tokens, 0.0 if greedy else temperature, top_k, top_p, num_return_sequences, seed)
     net, tok = load(model, dtype)
-    given, echo = inputs(model, tok)
     if prompts:
-        for text, outs in zip(texts, run_generate(net, tok, given, s), strict=True):
-            print(json.dumps({"prompt": text, "completions": outs}), flush=True)
-        return
-    if compare:
-        other_net, other_tok = load(compare, dtype)
-        other_given, other_echo = inputs(compare, other_tok)
-        mine = run_generate(net, tok, given, s)[0]
-        theirs = run_generate(other_net, other_tok, other_given, s)[0]
-        table = Table(title=f"[bold]{texts[0]}[/] ...", show_lines=True)
-        for name in (model, compare):  # a folder by its name: full paths would wrap the header
-            table.add_column(Path(name).name if Path(name).exists() else name, ratio=1)
-        for a, b in zip(mine, theirs, strict=True):
-            table.add_row(echo + a, other_echo + b)
-        console.print(table)
-        return
-    if num_return_sequences == 1:
-        sys.stdout.write(echo)
+        print_jsonl(texts, net, tok, model_inputs(model, tok, texts, chat)[0], s)
+    elif compare:
+        print_side_by_side(texts[0], [(model, net, tok), (compare, *load(compare, dtype))], chat, s)
+    elif num_return_sequences == 1:
+        stream_one(net, tok, *model_inputs(model, tok, texts, chat), s)
+    else:
+        print_several(net, tok, *model_inputs(model, tok, texts, chat), s)
+
+
+def model_inputs(name: str, tokenizer: Any, texts: list[str], chat: bool | None) -> tuple[list[str], str]:
+    """What a model is given: the prompts, or (chat) each as a user turn; and what to print before its output."""
+    from lmtune.generate import as_chat, trained_on_chat
+
+    if chat if chat is not None else trained_on_chat(name):
+        return [as_chat(tokenizer, t) for t in texts], ""
+    return texts, texts[0]
+
+
+def print_jsonl(texts: list[str], net: Any, tok: Any, given: list[str], s: Any) -> None:
+    """--prompts: one JSON line per prompt, with its continuations."""
+    from lmtune.generate import generate
+
+    for text, outs in zip(texts, generate(net, tok, given, s), strict=True):
+        print(json.dumps({"prompt": text, "completions": outs}), flush=True)
+
+
+def print_side_by_side(text: str, models: list[tuple[str, Any, Any]], chat: bool | None, s: Any) -> None:
+    """--compare: each model's continuations of the prompt in a column of one table."""
+    from lmtune.generate import generate
+
+    table = Table(title=f"[bold]{escape(text)}[/] ...", show_lines=True)
+    columns = []
+    for name, net, tok in models:
+        given, echo = model_inputs(name, tok, [text], chat)
+        columns.append([echo + out for out in generate(net, tok, given, s)[0]])
+        table.add_column(Path(name).name if Path(name).exists() else name, ratio=1)  # a folder by its name
+    for row in zip(*columns, strict=True):
+        table.add_row(*row)
+    console.print(table)
+
+
+def stream_one(net: Any, tok: Any, given: list[str], echo: str, s: Any) -> None:
+    """One continuation, written as it is made."""
+    from lmtune.generate import generate
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
         sys.stdout.flush()
 
-        def stream(piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    write(echo)
+    generate(net, tok, given, s, on_text=write)
+    write("\n")
 
-        run_generate(net, tok, given, s, on_text=stream)
-        sys.stdout.write("\n")
-        return
-    for i, out in enumerate(run_generate(net, tok, given, s)[0], 1):
+
+def print_several(net: Any, tok: Any, given: list[str], echo: str, s: Any) -> None:
+    """-n N: the continuations one after another, numbered."""
+    from lmtune.generate import generate
+
+    for i, out in enumerate(generate(net, tok, given, s)[0], 1):
         console.print(f"[bold]--- {i}[/]")
         print(echo + out)
 
@@ -487,62 +520,6 @@ def recipes_copy(
         raise LmtuneError(f"{target} already exists; choose another destination")
     shutil.copyfile(src, target)
     console.print(f"copied {name} to {target}; run it with: lmtune finetune --recipe {target}")
-
-
-def cpu_processes_requested() -> tuple[int, int, int]:
-    """(processes in all, machines, this machine's rank) when `accelerate launch --cpu` started only this
-    one process; (1, 1, 0) otherwise.
-
-    accelerate's simple launcher runs a single process for --cpu (huggingface/accelerate#2741). It
-    exports MASTER_ADDR only when asked for several processes or machines and sets no rank variables;
-    the numbers are on its command line, or in the --config_file it was given.
-    """
-    env = os.environ
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
-        return 1, 1, 0
-    if any(k in env for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
-        return 1, 1, 0  # already one of several processes
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return 1, 1, 0
-    # `accelerate launch ARGS` or `python -m accelerate.commands.launch ARGS`
-    start = next((i + 1 for i, a in enumerate(parent) if a in ("launch", "accelerate.commands.launch")), None)
-    if start is None:
-        return 1, 1, 0
-    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
-    from accelerate.commands.launch import launch_command_parser
-
-    # The launcher's arguments read by its own parser. As in accelerate, a flag wins over the config file,
-    # and the default one (`accelerate config`) is read only without --cpu.
-    args, _ = launch_command_parser().parse_known_args(parent[start:])
-    if args.config_file is None and not args.cpu and Path(default_config_file).is_file():
-        args.config_file = default_config_file
-    saved = load_config_from_file(args.config_file) if args.config_file else None
-
-    def setting(name: str, default: int) -> int:
-        value = getattr(args, name)
-        return int(value if value is not None else getattr(saved, name, None) or default)
-
-    return setting("num_processes", 1), setting("num_machines", 1), setting("machine_rank", 0)
-
-
-def launch_cpu_processes(processes: int, machines: int, rank: int, argv: list[str]) -> int:
-    """Start this machine's share of the CPU processes accelerate was asked for (`processes` counts all
-    machines', as accelerate's --num_processes does), with torch's own launcher (torchrun)."""
-    import subprocess
-
-    here = max(1, processes // machines)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // here))}  # share the cores
-    # CPU processes must not see a GPU: on a machine with one, rank 1 otherwise reached for cuda:1 and
-    # failed ("invalid device ordinal", seen on an H100 machine).
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}", f"--node-rank={rank}",
-        f"--nproc-per-node={here}", f"--master-addr={env['MASTER_ADDR']}",
-        f"--master-port={env.get('MASTER_PORT', '29500')}", "-m", "lmtune", *argv,
-    ]  # fmt: skip
-    return subprocess.call(cmd, env=env)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -141,6 +141,32 @@ class Config(BaseModel):
 
 FIELDS = list(Config.model_fields)
 
+# What --resume accepts changed. A change to one of these would make it another run (another model, other
+# data or data order), so it is refused unless --force; every other key may change (how long and how
+# fast to train, how often to log, evaluate and save, where to report and upload). Every field is in
+# exactly one of the two (tests/test_config.py), so a new field is classified when it is added.
+RESUME_MUST_MATCH = (
+    "model", "from_scratch", "tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "dtype",
+    "dropout", "data", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents",
+    "block_size", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank", "lora_alpha",
+    "lora_dropout", "lora_targets",
+)  # fmt: skip
+RESUME_MAY_CHANGE = (
+    "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
+    "mixed_precision", "eval_every", "save_every", "keep_checkpoints", "log_every", "report_to", "compile",
+    "output", "push_to_hub",
+)  # fmt: skip
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute, so the saved config.yaml (and `lmtune eval`) works from any folder."""
+    update = {
+        key: str(Path(value).expanduser().resolve())
+        for key in ("model", "tokenizer", "data", "validation_data")
+        if (value := getattr(cfg, key)) and Path(value).expanduser().exists()
+    }
+    return cfg.model_copy(update=update)
+
 
 def help_for(key: str) -> str:
     """The --help text of a flag is its config field's docstring."""

@@ -9,16 +9,17 @@ import json
 import logging
 import os
 import re
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmtune import atomic
 from lmtune.config import Config
 from lmtune.errors import LmtuneError, first_line
+from lmtune.events import Report
 from lmtune.runs import home
 
 log = logging.getLogger("lmtune")
@@ -43,8 +44,6 @@ BATCH_CHARS = 1_000_000
 MAX_PIECE_CHARS = 100_000
 # Where a long document may be cut: one whitespace character between two others (see `cuts`).
 CUT = re.compile(r"(?<=\S)\s(?=\S)")
-
-Report = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -618,28 +617,24 @@ def checksum(path: Path) -> str:
 
 def write_cache(corpus: Corpus, folder: Path) -> None:
     """The corpus's streams as .npy files, with meta.json holding each file's size and checksum."""
-    # Written to a temporary folder and renamed, so a crash never leaves a cache entry half-written.
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {
-        "validation_source": corpus.validation_source,
-        "empty_documents": corpus.empty_documents,
-        "format": corpus.format,
-        "overlap_warning": corpus.overlap_warning,
-        "files": {},
-    }
-    for name, split in (("train", corpus.train), ("validation", corpus.validation)):
-        arrays = {f"{name}.npy": split.ids}
-        if split.mask is not None and split.starts is not None:
-            arrays |= {f"{name}.mask.npy": split.mask, f"{name}.starts.npy": split.starts}
-        for file, array in arrays.items():
-            np.save(tmp / file, array)
-            meta["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": checksum(tmp / file)}
-        meta[name] = {"documents": split.documents, "bytes": split.bytes, "tokens": len(split.ids)}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    # Written beside its place and renamed, so a crash never leaves a cache entry half-written.
+    with atomic.written_beside(folder, folder=True) as tmp:
+        meta: dict[str, Any] = {
+            "validation_source": corpus.validation_source,
+            "empty_documents": corpus.empty_documents,
+            "format": corpus.format,
+            "overlap_warning": corpus.overlap_warning,
+            "files": {},
+        }
+        for name, split in (("train", corpus.train), ("validation", corpus.validation)):
+            arrays = {f"{name}.npy": split.ids}
+            if split.mask is not None and split.starts is not None:
+                arrays |= {f"{name}.mask.npy": split.mask, f"{name}.starts.npy": split.starts}
+            for file, array in arrays.items():
+                np.save(tmp / file, array)
+                meta["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": checksum(tmp / file)}
+            meta[name] = {"documents": split.documents, "bytes": split.bytes, "tokens": len(split.ids)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
 
 
 def read_cache(folder: Path) -> Corpus:
@@ -691,12 +686,3 @@ def eval_split(spec: str, cfg: Config, tokenizer: Any, report: Report) -> Split:
     if not docs:
         raise LmtuneError(f"{spec} holds no text (0 non-empty documents)")
     return encode(docs, tokenizer, report, spec).split(range(len(docs)), tokenizer.eos_token_id, token_dtype(tokenizer))
-
-
-# --- packing -----------------------------------------------------------------------------------------
-
-
-def pack(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
-    """Cut the stream into full blocks of `block_size` tokens, no padding. Returns (blocks, tokens dropped)."""
-    n_blocks = len(ids) // block_size
-    return np.asarray(ids[: n_blocks * block_size]).reshape(n_blocks, block_size), len(ids) - n_blocks * block_size

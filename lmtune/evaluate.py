@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtune import data, loss
+from lmtune import data, loss, runs
 from lmtune.config import Config, build
-from lmtune.data import Report, Split
+from lmtune.data import Split
 from lmtune.errors import LmtuneError, first_line
+from lmtune.events import Report
 from lmtune.generate import load
 from lmtune.model import context_length, resolve_block_size
 
@@ -55,17 +56,17 @@ class Score:
         }
 
 
-def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_target) of each window over a stream of n tokens.
 
-    Every token from position 1 on is a target exactly once, predicted from up to `context` tokens
-    that end right before it. With stride == context the windows do not overlap and each window's
+    Every token from position 1 on is a target exactly once, predicted from up to `block_size` tokens
+    that end right before it. With stride == block_size the windows do not overlap and each window's
     first token has no context in it, so it is not scored; with a smaller stride every token after
-    the first is scored with at least context - stride tokens of history.
+    the first is scored with at least block_size - stride tokens of history.
     """
     out, prev_end = [], 0
     for start in range(0, n, stride):
-        end = min(start + context, n)
+        end = min(start + block_size, n)
         first = max(prev_end, start + 1)
         if first < end:
             out.append((start, end, first))
@@ -79,7 +80,7 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 def score(
     model: Any,
     split: Split,
-    context: int,
+    block_size: int,
     stride: int,
     batch_size: int,
     *,
@@ -92,16 +93,16 @@ def score(
 ) -> Score:
     """Score `split` with `model`. Across processes each takes every world-th window; `reduce` sums.
 
-    Chat splits are scored one conversation per window (cut to `context`), on their response tokens only.
+    Chat splits are scored one conversation per window (cut to `block_size`), on their response tokens only.
     chunked=False: always the full logits (a sharded model's output weights cannot be read outside forward).
     """
     device = next(model.parameters()).device
     ids = torch.from_numpy(np.asarray(split.ids, dtype=np.int64))
     response = None if split.mask is None else torch.from_numpy(np.asarray(split.mask, dtype=bool))
     if split.starts is not None:  # chat: one conversation per window
-        every = [(s, min(e, s + context), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
+        every = [(s, min(e, s + block_size), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
     else:
-        every = windows(len(ids), context, stride)
+        every = windows(len(ids), block_size, stride)
     mine = every[rank::world]
     # Under FSDP each forward gathers the weights from all processes, so every process runs as many
     # batches: the ones with a window less get a copy of the first window that scores nothing.
@@ -115,8 +116,8 @@ def score(
     model.eval()
     for b in range(0, len(mine), batch_size):
         batch = mine[b : b + batch_size]
-        inputs = torch.zeros(len(batch), context, dtype=torch.int64)  # (B, T) short windows right-padded
-        labels = torch.full((len(batch), context), loss.IGNORE, dtype=torch.int64)  # not scored
+        inputs = torch.zeros(len(batch), block_size, dtype=torch.int64)  # (B, T) short windows right-padded
+        labels = torch.full((len(batch), block_size), loss.IGNORE, dtype=torch.int64)  # not scored
         for row, (start, end, first) in enumerate(batch):
             inputs[row, : end - start] = ids[start:end]
             labels[row, first - start : end - start] = ids[first:end]
@@ -143,7 +144,7 @@ def describe(tokenizer: Any, context: int, stride: int) -> str:
 
 def trained_block_size(run: Path) -> int:
     """The block size `run` was trained with, as its summary.json says: the context its figures used."""
-    path = run / "summary.json"
+    path = run / runs.SUMMARY
     try:
         summary = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -168,25 +169,22 @@ def evaluate_models(
     """Score each model on the same data: --data, else the validation data of the first run folder given."""
 
     def run_of(name: str) -> Path | None:
-        return (
-            Path(name) if (Path(name) / "config.yaml").is_file() and (Path(name) / "summary.json").is_file() else None
-        )
+        return Path(name) if (Path(name) / runs.CONFIG).is_file() and (Path(name) / runs.SUMMARY).is_file() else None
 
     run = next((r for r in map(run_of, models) if r), None)
     if data_spec is None and run is None:
         raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")
-    run_cfg = build(str(run / "config.yaml")) if run else None
+    run_cfg = build(str(run / runs.CONFIG)) if run else None
     streams: dict[str, Split] = {}  # --data tokenized once per tokenizer: a run and its base share one
     results = []
     for name in models:
         report({"event": "phase", "phase": f"loading {name}"})
         net, tok = load(name)
         own_run = run_of(name)
-        context = block_size or (trained_block_size(own_run) if own_run else None)
-        context = resolve_block_size(context, net)
-        step = stride or context
-        if step > context:
-            raise LmtuneError(f"--stride {step} is longer than the context of {context}; use at most {context}")
+        window = resolve_block_size(block_size or (trained_block_size(own_run) if own_run else None), net)
+        step = stride or window
+        if step > window:
+            raise LmtuneError(f"--stride {step} is longer than the block size of {window}; use at most {window}")
         if data_spec:
             key = data.tokenizer_fingerprint(tok)
             if key not in streams:
@@ -198,10 +196,10 @@ def evaluate_models(
             where = f"the validation data of {run} ({run_cfg.data})"
         if len(split.ids) < 2:
             raise LmtuneError(f"{where} is shorter than 2 tokens; nothing to score")
-        s = score(net, split, context, step, batch_size, report=report)
+        s = score(net, split, window, step, batch_size, report=report)
         results.append({
-            "model": name, "data": where, **s.as_dict(), "context": context, "stride": step,
+            "model": name, "data": where, **s.as_dict(), "context": window, "stride": step,
             "tokenizer": Path(str(tok.name_or_path)).name, "vocab": len(tok),
-            "model_context": context_length(net), "perplexity_kind": describe(tok, context, step),
+            "model_context": context_length(net), "perplexity_kind": describe(tok, window, step),
         })  # fmt: skip
     return results

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import TextStreamer
 
-from lmtune import lora
+from lmtune import lora, runs
 from lmtune.config import build, validate
 from lmtune.data import ensure_chat_template
 from lmtune.model import context_length, load_pretrained, load_tokenizer
@@ -23,8 +23,8 @@ log = logging.getLogger("lmtune")
 def trained_on_chat(model: str) -> bool:
     """Whether a run folder (or checkpoint, or merged model) was trained on chat data, as its config says."""
     folder = Path(model).expanduser()
-    if (folder / "config.yaml").is_file():
-        return build(str(folder / "config.yaml")).data_format == "chat"
+    if (folder / runs.CONFIG).is_file():
+        return build(str(folder / runs.CONFIG)).data_format == "chat"
     if (folder / "state.json").is_file():  # a checkpoint
         values = json.loads((folder / "state.json").read_text())["config"]
         return validate(values, source=str(folder / "state.json")).data_format == "chat"

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from lmtune import runs
 from lmtune.errors import LmtuneError, first_line
 
 log = logging.getLogger("lmtune")
@@ -59,7 +60,7 @@ def published(run: Path) -> dict[str, Path | bytes]:
     from lmtune.card import hide_paths, local_names
 
     try:
-        saved = yaml.safe_load((run / "config.yaml").read_text())
+        saved = yaml.safe_load((run / runs.CONFIG).read_text())
     except (OSError, yaml.YAMLError):
         saved = None  # no readable config.yaml: the run folder and the home folder are hidden all the same
     names = {**local_names(saved if isinstance(saved, dict) else {}), str(run.resolve()): run.name}

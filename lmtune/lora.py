@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmtune import atomic, runs
 from lmtune.config import Config
 from lmtune.errors import LmtuneError, first_line
 from lmtune.model import load_pretrained, load_tokenizer
@@ -112,14 +113,9 @@ def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
     tokenizer = load_tokenizer(str(run), what="model")
     model = load_merged(run, "auto")
     # Written beside its final place and renamed, so a cut-short merge leaves nothing that looks complete.
-    tmp = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if (run / "config.yaml").is_file():  # the recipe that made it; `generate` reads the data format from it
-        shutil.copyfile(run / "config.yaml", tmp / "config.yaml")
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(output)
+    with atomic.written_beside(output, folder=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (run / runs.CONFIG).is_file():  # the recipe that made it; `generate` reads the data format from it
+            shutil.copyfile(run / runs.CONFIG, tmp / runs.CONFIG)
     return output

@@ -10,15 +10,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from lmtune import atomic
 from lmtune.config import Config
 from lmtune.errors import LmtuneError
 
 log = logging.getLogger("lmtune")
 
-# A run folder is complete once this file is written, last.
-SUMMARY = "summary.json"
-# Held (flock) by the run writing the folder, so a second run on the same --output is refused.
-LOCK = ".lmtune.lock"
+# What a run folder holds, besides the model (or adapter) and tokenizer files:
+CONFIG = "config.yaml"  # the resolved config: a recipe that repeats the run
+METRICS = "metrics.jsonl"  # one event per line: train, eval
+CHECKPOINTS = "checkpoints"  # resumable checkpoints, step-NNNNNNN/
+CARD = "README.md"  # the model card, in the hub's format
+CURVES = "curves.png"  # training and evaluation curves
+SUMMARY = "summary.json"  # the run's figures; written last, so it marks a complete run
+LOCK = ".lmtune.lock"  # held (flock) by the run writing the folder: a second run on it is refused
 
 
 def home() -> Path:
@@ -83,7 +88,7 @@ def check_output(
             raise LmtuneError(f"run {output} already finished (it has {SUMMARY}); nothing to resume")
         return
     if not empty and not overwrite:
-        if not finished and (output / "checkpoints").is_dir():
+        if not finished and (output / CHECKPOINTS).is_dir():
             raise LmtuneError(
                 f"run folder {output} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
             )
@@ -95,10 +100,8 @@ def remember(run: Path) -> None:
     a failure here is a warning, never a failed run."""
     path = home() / "latest-run"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(run.resolve()))
-        tmp.replace(path)
+        with atomic.written_beside(path) as tmp:
+            tmp.write_text(str(run.resolve()))
     except OSError as err:
         log.warning("could not note %s as the latest run in %s (%s); pass --model %s", run, path, err.strerror, run)
 
@@ -143,11 +146,9 @@ class Lock:
 
 def clear(output: Path) -> None:
     """Empty a run folder for --overwrite, keeping the lock this run holds in it."""
-    import shutil
-
     for path in output.iterdir():
         if path.name != LOCK:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            atomic.remove(path)
 
 
 def latest() -> Path:

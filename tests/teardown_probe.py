@@ -3,7 +3,7 @@
 `torchrun --nproc-per-node 2 teardown_probe.py ARGS` prints, from each process, how many
 DistributedDataParallel wrappers exist (reachable or awaiting the garbage collector) when
 `destroy_process_group` is called. It must be none: a wrapper freed later frees the gloo group from DDP's
-reducer with the GIL held, which can hang the process (see `finetune` in lmtune/train.py).
+reducer with the GIL held, which can hang the process (see `finish` in lmtune/train.py).
 A test tool only: nothing in lmtune knows about it.
 """
 

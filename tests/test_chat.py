@@ -122,13 +122,13 @@ def test_a_chat_run_learns_the_answers_and_generate_uses_its_template(cli, chat_
 
 
 def test_chat_examples_are_cut_to_the_block_and_skipped_when_no_response_is_left(tiny_model):
-    from lmtune.train import Examples, pad_batch
+    from lmtune.batches import Examples, pad_batch
 
     tok = load_tokenizer(str(tiny_model))
     long_prompt = [{"role": "user", "content": "the cat " * 80}, {"role": "assistant", "content": "ran"}]
     short = [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "sat on the mat"}]
     split = data.encode([long_prompt, short], tok, lambda e: None, "t").split([0, 1], tok.eos_token_id, np.uint16)
-    ex = Examples(split, block=48)
+    ex = Examples(split, block_size=48)
     assert (len(ex), ex.skipped, ex.truncated) == (1, 1, 1)
     inputs, labels, real = pad_batch([ex[0]], tok.pad_token_id)
     assert real == inputs.shape[1] <= 48

@@ -132,3 +132,12 @@ def test_a_binary_recipe_is_refused_in_one_line(tmp_path, content):
     recipe.write_bytes(content)
     with pytest.raises(LmtuneError, match=f"^cannot read recipe {recipe}: not a text file"):
         config.build(str(recipe))
+
+
+def test_every_config_key_says_whether_it_may_change_on_resume():
+    """A new key must be classified: resuming with it changed either is refused (must match) or is not."""
+    from lmtune.config import RESUME_MAY_CHANGE, RESUME_MUST_MATCH, Config
+
+    must, may = set(RESUME_MUST_MATCH), set(RESUME_MAY_CHANGE)
+    assert not must & may, must & may
+    assert must | may == set(Config.model_fields), set(Config.model_fields) ^ (must | may)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import WORDS
 
-from lmtune import data
+from lmtune import batches, data
 from lmtune.config import Config
 from lmtune.errors import LmtuneError
 from lmtune.model import load_tokenizer
@@ -25,7 +25,7 @@ def cfg(**kw):
 
 def test_packing_keeps_every_token_and_counts_the_rest():
     ids = np.arange(103)
-    blocks, dropped = data.pack(ids, 10)
+    blocks, dropped = batches.pack(ids, 10)
     assert blocks.shape == (10, 10) and dropped == 3
     assert np.array_equal(np.concatenate([blocks.ravel(), ids[len(ids) - dropped :]]), ids)
 

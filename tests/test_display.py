@@ -3,6 +3,7 @@
 import io
 
 from rich.console import Console
+from terminal import ANSI
 
 from lmtune.display import Display
 
@@ -72,4 +73,4 @@ def test_evaluations_between_training_steps_keep_the_live_display_going():
     with Display(Console(file=out, force_terminal=True, width=120)) as display:
         for event in events:
             display(event)
-    assert "eval step 2: loss 1.0000" in out.getvalue()
+    assert "eval step 2: loss 1.0000" in ANSI.sub("", out.getvalue())

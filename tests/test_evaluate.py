@@ -33,7 +33,7 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary(tiny_model):
         model.get_input_embeddings().weight.zero_()  # GPT-2 ties the output layer to these
     ids = np.array(tok("the cat sat on the mat in the morning rain " * 5)["input_ids"], dtype=np.int64)
     split = Split(ids, documents=1, bytes=240)
-    s = score(model, split, context=16, stride=16, batch_size=3)
+    s = score(model, split, block_size=16, stride=16, batch_size=3)
     vocab = model.config.vocab_size
     assert s.perplexity == pytest.approx(vocab, rel=1e-5)
     assert s.loss == pytest.approx(math.log(vocab), rel=1e-6)

@@ -190,7 +190,7 @@ def test_the_hub_token_is_never_written_or_printed(cli, tiny_model, corpus, tmp_
 def test_a_second_ctrl_c_stops_at_once():
     import os
 
-    from lmtune.train import StopSignals
+    from lmtune.stop import StopSignals
 
     with StopSignals() as stop:
         stop.armed = True  # training has started: there is something to save
@@ -255,13 +255,14 @@ def kill_self_on_call(monkeypatch, module, name, call, times=1):
     monkeypatch.setattr(module, name, wrapper)
 
 
-@pytest.mark.parametrize("where, call", [("score", 4), ("save_model", 1)])  # evaluations at steps 0, 2, 4 and 6
+@pytest.mark.parametrize("where, call", [("train.score", 4), ("checkpoint.save_model", 1)])  # evals: steps 0, 2, 4, 6
 def test_ctrl_c_during_the_final_evaluation_or_save_finishes_the_run(
     where, call, cli, tiny_model, corpus, tmp_path, monkeypatch
 ):
-    from lmtune import train
+    import importlib
 
-    kill_self_on_call(monkeypatch, train, where, call)
+    module, name = where.split(".")
+    kill_self_on_call(monkeypatch, importlib.import_module(f"lmtune.{module}"), name, call)
     out = tmp_path / "run"
     r = short_run(cli, tiny_model, corpus, out)
     assert r.code == 0, r.err
@@ -308,3 +309,35 @@ def test_a_full_disk_during_the_final_save_says_what_was_kept_and_how_to_resume(
     resumed = short_run(cli, tiny_model, corpus, out, "--save-every", "2", "--resume")
     assert resumed.code == 0, resumed.err
     assert (out / "summary.json").is_file()
+
+
+def test_a_run_stopped_by_the_previous_version_resumes(cli, tmp_path):
+    """tests/data/old-run was stopped by the code before the run was redesigned: today's code resumes it and
+    ends where that code's own uninterrupted run ended."""
+    import shutil
+    from pathlib import Path
+
+    from conftest import make_tiny_model, write_paragraphs
+
+    old = shutil.copytree(Path(__file__).parent / "data" / "old-run", tmp_path / "old-run")
+    model, data = make_tiny_model(tmp_path / "tiny"), write_paragraphs(tmp_path / "train.txt", 120, seed=1)
+    args = [
+        "finetune", model, "--data", data, "--output", old, "--block-size", "32", "--batch-size", "4",
+        "--max-steps", "12", "--lr", "1e-3", "--log-every", "1", "--eval-every", "4", "--save-every", "1",
+        "--keep-checkpoints", "1", "--mixed-precision", "no", "--resume",
+    ]  # fmt: skip
+    moved = cli(*args)  # the folders it named are elsewhere here; nothing else differs
+    assert moved.code == 1 and "model (" in moved.err and "data (" in moved.err, moved.err
+    assert "batch_size" not in moved.err and "seed" not in moved.err, moved.err
+
+    r = cli(*args, "--force")
+    assert r.code == 0, r.err
+    assert json.loads((old / "summary.json").read_text())["resumed_from"].endswith("step-0000006")
+    records = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (old / "reference-metrics.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"], e["tokens"]) for e in records] == [
+        (e["event"], e["step"], e["tokens"]) for e in reference
+    ]
+    for mine, theirs in zip(records, reference, strict=True):
+        key = "loss" if mine["event"] == "train" else "eval_loss"
+        assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine, theirs)

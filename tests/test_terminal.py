@@ -48,7 +48,9 @@ def terminal_run(tmp_path_factory, tiny_model, corpus):
 
 def test_finetune_in_a_terminal_evaluates_and_checkpoints(terminal_run):
     screen, out, _ = terminal_run
-    assert_clean(screen, "eval step 2:", "eval step 4:", "eval step 6:", "eval step 8:", "before ->", "after", "saved to")
+    assert_clean(
+        screen, "eval step 2:", "eval step 4:", "eval step 6:", "eval step 8:", "before ->", "after", "saved to"
+    )
     assert re.search(r"perplexity [\d.]+ before -> [\d.]+ after", screen.text), screen.text[-2000:]
     assert (out / "checkpoints" / "step-0000004" / "COMPLETE").is_file()
     assert (out / "summary.json").is_file()
@@ -124,6 +126,8 @@ def test_ctrl_c_in_a_terminal_then_resume(tiny_model, corpus, tmp_path):
 def test_make_demo_in_a_terminal(tmp_path):
     """The README's offline main job, `make demo`, as a person runs it: in a terminal."""
     out = tmp_path / "demo"
-    screen = run(["/usr/bin/env", "DEMO_OUT=" + str(out), "bash", str(ROOT / "demo" / "run.sh")], tmp_path / "home", WIDTH)
+    screen = run(
+        ["/usr/bin/env", "DEMO_OUT=" + str(out), "bash", str(ROOT / "demo" / "run.sh")], tmp_path / "home", WIDTH
+    )
     assert_clean(screen, "Evaluate both on held-out weather reports", "before ->", "bits/byte")
     assert (out / "finetuned" / "summary.json").is_file()

@@ -6,29 +6,29 @@ import pytest
 import torch
 from conftest import read_json
 
-from lmtune import train
+from lmtune import setup
 from lmtune.errors import LmtuneError
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.resolve_precision("auto") == "bf16"
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.resolve_precision("auto") == "no"  # emulated bf16 is slower than fp32
-    assert train.resolve_precision("bf16") == "bf16"  # asked for explicitly: honoured
+    monkeypatch.setattr(setup, "cpu_has_bf16", lambda: True)
+    assert setup.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(setup, "cpu_has_bf16", lambda: False)
+    assert setup.resolve_precision("auto") == "no"  # emulated bf16 is slower than fp32
+    assert setup.resolve_precision("bf16") == "bf16"  # asked for explicitly: honoured
     with pytest.raises(LmtuneError, match="fp16 needs a CUDA GPU"):
-        train.resolve_precision("fp16")
+        setup.resolve_precision("fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert train.resolve_precision("auto") == "fp16"
+    assert setup.resolve_precision("auto") == "fp16"
 
 
 def test_weight_decay_skips_biases_and_norms(tiny_model):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    decay, no_decay = train.weight_decay_groups(model, 0.1)
+    decay, no_decay = setup.weight_decay_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -57,3 +57,21 @@ def test_default_evaluations_are_spread_over_the_run(quick):
     events = map(json.loads, (quick("--max-steps", "11") / "metrics.jsonl").read_text().splitlines())
     steps = [e["step"] for e in events if e["event"] == "eval"]
     assert steps == [0, 3, 6, 9, 11]  # base, every ceil(11 / 5) = 3 steps, final
+
+
+def test_a_checkpoint_holds_exactly_the_progress_record():
+    """Saving and resuming go through the same record, so they cannot drift apart."""
+    from dataclasses import fields
+
+    from lmtune.train import Progress
+
+    p = Progress(step=7, epoch=1, batch_in_epoch=3, tokens_seen=896, train_seconds=1.5)
+    p.loss_sum += 12.25
+    p.loss_tokens += 5
+    common, own = p.saved()
+    assert set(common) == {"step", "epoch", "batch_in_epoch", "tokens_seen", "train_seconds"}
+    back = Progress.restored(json.loads(json.dumps(common)), own, "cpu")  # state.json is JSON
+    for f in fields(Progress):
+        if f.name not in ("rng", "bad_step"):
+            assert torch.equal(torch.as_tensor(getattr(back, f.name)), torch.as_tensor(getattr(p, f.name))), f.name
+    assert back.rng is own["rng"] and back.rng["torch"].dtype == torch.uint8
