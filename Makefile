@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench torture clean
+.PHONY: install test check format lint typecheck demo bench bench-packing torture clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: install
 # lmtune against the Hugging Face Trainer and a bare loop; needs ../shared/data. About 8 minutes on 2 cores.
 bench: install
 	$(PY) bench/run.py
+
+# chat data packed into rows against one conversation per row, padded; needs ../shared/data. About 4 minutes.
+bench-packing: install
+	$(PY) bench/packing.py
 
 # kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install

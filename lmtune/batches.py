@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ def pack(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
     return np.asarray(ids[: n_blocks * block_size]).reshape(n_blocks, block_size), len(ids) - n_blocks * block_size
 
 
+Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (T,) inputs, labels, position ids or None
+
+
 class Blocks(Dataset):
     """Packed blocks as a dataset; the (n, T) array stays a memory map until a batch is taken."""
 
@@ -32,46 +37,106 @@ class Blocks(Dataset):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> Row:
         ids = torch.from_numpy(self.blocks[i].astype(np.int64))
-        return ids, ids  # (inputs, labels): every token is a target
+        return ids, ids, None  # every token is a target; positions 0, 1, 2, ...
 
 
 class Examples(Dataset):
-    """Chat examples, one per row, cut to the block size; labels are IGNORE outside the responses."""
+    """Chat examples cut to the block size, labels IGNORE outside the responses. With `packing`, several
+    conversations share a row, their position ids restarting at each (transformers then keeps their
+    attention apart); without, one conversation per row."""
 
-    def __init__(self, split: Split, block_size: int):
+    def __init__(self, split: Split, block_size: int, packing: bool = False):
         assert split.starts is not None and split.mask is not None, "chat splits only"
-        self.ids, self.mask = split.ids, split.mask
+        self.ids, self.mask, self.packing = split.ids, split.mask, packing
         whole = list(itertools.pairwise(split.starts.tolist()))
-        rows = [(s, min(e, s + block_size)) for s, e in whole]
+        spans = [(s, min(e, s + block_size)) for s, e in whole]
         self.truncated = sum(e - s > block_size for s, e in whole)
         self.dropped = sum(max(0, e - s - block_size) for s, e in whole)  # tokens cut off
-        # A row is kept if a response token is left to predict after the cut (position 0 predicts nothing).
-        self.rows = [(s, e) for s, e in rows if self.mask[s + 1 : e].any()]
-        self.skipped = len(rows) - len(self.rows)
+        # A conversation is kept if a response token is left to predict after the cut (its first token
+        # predicts nothing).
+        kept = [(s, e) for s, e in spans if self.mask[s + 1 : e].any()]
+        self.skipped = len(spans) - len(kept)
+        self.conversations = len(kept)
+        self.rows = pack_spans(kept, block_size) if packing else [[span] for span in kept]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s, e = self.rows[i]
-        ids = torch.from_numpy(np.asarray(self.ids[s:e], dtype=np.int64))
-        return ids, ids.masked_fill(~torch.from_numpy(np.asarray(self.mask[s:e])), loss.IGNORE)
+    def __getitem__(self, i: int) -> Row:
+        ids, labels, positions = [], [], []
+        for s, e in self.rows[i]:
+            piece = torch.from_numpy(np.asarray(self.ids[s:e], dtype=np.int64))
+            target = piece.masked_fill(~torch.from_numpy(np.asarray(self.mask[s:e])), loss.IGNORE)
+            target[0] = loss.IGNORE  # a conversation's first token is not predicted from the one before it
+            ids.append(piece)
+            labels.append(target)
+            positions.append(torch.arange(e - s))
+        return torch.cat(ids), torch.cat(labels), torch.cat(positions) if self.packing else None
 
 
-def pad_batch(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(B, T) inputs and labels right-padded to the longest row, and the real (unpadded) token count.
+def pack_spans(spans: list[tuple[int, int]], block_size: int) -> list[list[tuple[int, int]]]:
+    """Spans (conversations) into rows of at most `block_size` tokens, longest first, each into the fullest
+    row it fits (best fit decreasing): little padding is left, and the result depends on the data only."""
+    rows: list[list[tuple[int, int]]] = []
+    room: list[tuple[int, int]] = []  # (tokens free, row), sorted
+    for s, e in sorted(spans, key=lambda span: (span[0] - span[1], span[0])):
+        at = bisect.bisect_left(room, (e - s, -1))
+        if at == len(room):
+            rows.append([(s, e)])
+            free, row = block_size - (e - s), len(rows) - 1
+        else:
+            free, row = room.pop(at)
+            rows[row].append((s, e))
+            free -= e - s
+        if free > 0:
+            bisect.insort(room, (free, row))
+    return rows
 
-    Padding is never a target, and in a causal model no earlier position attends to it.
+
+def pad_batch(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(B, T) inputs, labels and position ids (None unless packed) right-padded to the longest row, and the
+    real (unpadded) token count.
+
+    Padding is never a target, and in a causal model no earlier position attends to it. In packed rows
+    its position ids go on from the row's last conversation, so they stay within the model's context.
     """
-    length = max(len(ids) for ids, _ in rows)
+    length = max(len(ids) for ids, _, _ in rows)
     inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), loss.IGNORE, dtype=torch.long)
-    for r, (ids, lab) in enumerate(rows):
+    packed = rows[0][2] is not None
+    positions = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
+    for r, (ids, lab, pos) in enumerate(rows):
         inputs[r, : len(ids)] = ids
         labels[r, : len(lab)] = lab
-    return inputs, labels, sum(len(ids) for ids, _ in rows)
+        if positions is not None and pos is not None:
+            positions[r, : len(pos)] = pos
+            positions[r, len(pos) :] = pos[-1] + 1 + torch.arange(length - len(pos))
+    return inputs, labels, positions, sum(len(ids) for ids, _, _ in rows)
+
+
+@torch.no_grad()
+def packing_works(model: Any) -> bool:
+    """Whether `model` keeps packed conversations apart: the second of two short sequences packed in one
+    row, position ids restarting, gives the same outputs as alone. transformers does this for models whose
+    masks come from `create_causal_mask` with the sdpa, eager and flex attention (flash attention reads the
+    position ids itself); others would let one conversation attend to the one before it."""
+    size = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    first, second = torch.arange(1, 7, device=device) % size, torch.arange(9, 13, device=device) % size
+    positions = torch.cat([torch.arange(6), torch.arange(4)]).to(device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        together = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False)
+        alone = model(input_ids=second[None], use_cache=False)
+    except (TypeError, ValueError, RuntimeError):  # a model that takes no position ids
+        return False
+    finally:
+        model.train(was_training)
+    a, b = together.logits[0, 6:].float(), alone.logits[0].float()
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-6))
 
 
 @dataclass
@@ -80,19 +145,20 @@ class Rows:
 
     dataset: Blocks | Examples
     dropped: int  # tokens: left over after the last block, or cut from conversations longer than a block
+    conversations: int = 0  # chat: conversations trained on
     truncated: int = 0  # chat: conversations cut short
     skipped: int = 0  # chat: conversations with no response token left within the block
 
 
-def training_rows(corpus: Corpus, block_size: int) -> Rows:
-    """Text packed into blocks; chat data one conversation per row (packing would let one attend to another)."""
+def training_rows(corpus: Corpus, block_size: int, packing: bool = False) -> Rows:
+    """Text cut into full blocks; chat data several conversations per row (`packing`) or one per row."""
     if corpus.format == "chat":
-        examples = Examples(corpus.train, block_size)
+        examples = Examples(corpus.train, block_size, packing)
         if len(examples) == 0:
             raise LmtuneError(
                 f"no training conversation has a response within --block-size {block_size}; pass a larger one"
             )
-        return Rows(examples, examples.dropped, examples.truncated, examples.skipped)
+        return Rows(examples, examples.dropped, examples.conversations, examples.truncated, examples.skipped)
     blocks, dropped = pack(corpus.train.ids, block_size)
     if len(blocks) == 0:
         raise LmtuneError(

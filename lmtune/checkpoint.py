@@ -181,7 +181,12 @@ def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings that must match on resume and differ between the checkpoint's config and this one."""
+    saved = {**WRITTEN_BEFORE_THE_KEY_EXISTED, **saved}
     return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+
+
+# How a checkpoint written before a key existed was trained: chat data was not packed.
+WRITTEN_BEFORE_THE_KEY_EXISTED = {"packing": False}
 
 
 # --- resuming ----------------------------------------------------------------------------------------

@@ -72,8 +72,13 @@ def data_row(plan: dict[str, Any]) -> tuple[str, str]:
         return "blocks", (
             f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"
         )
+    rows = (
+        f"packed into {plan['blocks']:,} rows of up to {plan['block_size']} tokens"
+        if plan.get("packing")
+        else f"one per row, up to {plan['block_size']} tokens"
+    )
     return "conversations", (
-        f"{plan['blocks']:,}, one per row, up to {plan['block_size']} tokens; {plan['examples_truncated']:,} cut "
+        f"{plan.get('conversations', plan['blocks']):,}, {rows}; {plan['examples_truncated']:,} cut "
         f"short ({plan['tokens_dropped']:,} tokens), {plan['examples_skipped']:,} skipped (no response left); "
         "loss on responses only"
     )

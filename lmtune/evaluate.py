@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtune import data, loss, runs
+from lmtune import batches, data, loss, runs
 from lmtune.config import Config, build
 from lmtune.data import Split
 from lmtune.errors import LmtuneError, first_line
@@ -90,24 +90,29 @@ def score(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     report: Report = lambda e: None,
     chunked: bool = True,
+    packing: bool = False,
 ) -> Score:
-    """Score `split` with `model`. Across processes each takes every world-th window; `reduce` sums.
+    """Score `split` with `model`. Across processes each takes every world-th row; `reduce` sums.
 
-    Chat splits are scored one conversation per window (cut to `block_size`), on their response tokens only.
+    Chat splits are scored one conversation per window (cut to `block_size`), on their response tokens only;
+    with `packing`, several conversations share a row as in training, each with its own position ids.
     chunked=False: always the full logits (a sharded model's output weights cannot be read outside forward).
     """
     device = next(model.parameters()).device
     ids = torch.from_numpy(np.asarray(split.ids, dtype=np.int64))
     response = None if split.mask is None else torch.from_numpy(np.asarray(split.mask, dtype=bool))
-    if split.starts is not None:  # chat: one conversation per window
-        every = [(s, min(e, s + block_size), s + 1) for s, e in itertools.pairwise(split.starts.tolist())]
+    every: list[list[tuple[int, int, int]]]  # rows of windows (start, end, first target)
+    if split.starts is not None:  # chat: a conversation per window, its first token not a target
+        spans = [(s, min(e, s + block_size)) for s, e in itertools.pairwise(split.starts.tolist())]
+        rows = batches.pack_spans(spans, block_size) if packing else [[span] for span in spans]
+        every = [[(s, e, s + 1) for s, e in row] for row in rows]
     else:
-        every = windows(len(ids), block_size, stride)
+        every = [[window] for window in windows(len(ids), block_size, stride)]
     mine = every[rank::world]
     # Under FSDP each forward gathers the weights from all processes, so every process runs as many
-    # batches: the ones with a window less get a copy of the first window that scores nothing.
-    start, end, _ = every[0]
-    mine += [(start, end, end)] * (math.ceil(len(every) / world) - len(mine))
+    # batches: the ones with a row less get a copy of the first window that scores nothing.
+    start, end, _ = every[0][0]
+    mine += [[(start, end, end)]] * (math.ceil(len(every) / world) - len(mine))
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     chunked = chunked and loss.supported(model)
@@ -115,18 +120,12 @@ def score(
     was_training = model.training
     model.eval()
     for b in range(0, len(mine), batch_size):
-        batch = mine[b : b + batch_size]
-        inputs = torch.zeros(len(batch), block_size, dtype=torch.int64)  # (B, T) short windows right-padded
-        labels = torch.full((len(batch), block_size), loss.IGNORE, dtype=torch.int64)  # not scored
-        for row, (start, end, first) in enumerate(batch):
-            inputs[row, : end - start] = ids[start:end]
-            labels[row, first - start : end - start] = ids[first:end]
-            if response is not None:
-                labels[row, : end - start].masked_fill_(~response[start:end], loss.IGNORE)
+        inputs, labels, positions = window_batch(mine[b : b + batch_size], ids, response, block_size, packing)
         inputs, labels = inputs.to(device), labels.to(device)
+        positions = positions.to(device) if positions is not None else None
         targets = labels[:, 1:].flatten()  # position t predicts token t+1
         with autocast():  # causal, so right padding changes nothing before it
-            nll += loss.next_token_nll(model, head, inputs, targets, chunked).double()
+            nll += loss.next_token_nll(model, head, inputs, targets, chunked, positions).double()
         count += (targets != loss.IGNORE).sum()
         report({"event": "phase", "phase": "evaluating", "done": min(b + batch_size, len(mine)), "total": len(mine)})
     model.train(was_training)
@@ -134,6 +133,34 @@ def score(
     # Bits per byte relate the scored tokens to the bytes of their text: all of it, or (chat) the responses.
     stream_tokens = int(response.sum()) if response is not None else len(ids)
     return Score(int(count.item()), float(nll.item()), stream_tokens, split.bytes)
+
+
+def window_batch(
+    rows: list[list[tuple[int, int, int]]],
+    ids: torch.Tensor,
+    response: torch.Tensor | None,
+    block_size: int,
+    packed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(B, T) inputs, labels (IGNORE where not scored) and, for packed rows, position ids restarting at each
+    window; short rows right-padded (padding's positions go on from the last window's)."""
+    inputs = torch.zeros(len(rows), block_size, dtype=torch.int64)
+    labels = torch.full((len(rows), block_size), loss.IGNORE, dtype=torch.int64)
+    positions = torch.zeros((len(rows), block_size), dtype=torch.int64) if packed else None
+    for r, row in enumerate(rows):
+        at = 0
+        for start, end, first in row:
+            n = end - start
+            inputs[r, at : at + n] = ids[start:end]
+            labels[r, at + first - start : at + n] = ids[first:end]
+            if response is not None:
+                labels[r, at : at + n].masked_fill_(~response[start:end], loss.IGNORE)
+            if positions is not None:
+                positions[r, at : at + n] = torch.arange(n)
+            at += n
+        if positions is not None:
+            positions[r, at:] = positions[r, at - 1] + 1 + torch.arange(block_size - at)
+    return inputs, labels, positions
 
 
 def describe(tokenizer: Any, context: int, stride: int) -> str:
@@ -196,7 +223,8 @@ def evaluate_models(
             where = f"the validation data of {run} ({run_cfg.data})"
         if len(split.ids) < 2:
             raise LmtuneError(f"{where} is shorter than 2 tokens; nothing to score")
-        s = score(net, split, window, step, batch_size, report=report)
+        packing = split.starts is not None and batches.packing_works(net)  # chat: as fast as training scores it
+        s = score(net, split, window, step, batch_size, report=report, packing=packing)
         results.append({
             "model": name, "data": where, **s.as_dict(), "context": window, "stride": step,
             "tokenizer": Path(str(tok.name_or_path)).name, "vocab": len(tok),

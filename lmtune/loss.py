@@ -32,20 +32,34 @@ def supported(model: Any) -> bool:
     )
 
 
-def last_hidden(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+def last_hidden(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, E) final hidden states (after the last norm), going through model.forward so that DDP's
     gradient hooks see the call; logits_to_keep=1 makes the model's own head compute one position only."""
-    return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return model(**model_inputs(input_ids, position_ids), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
 
-def next_token_nll(model: Any, head: Any, inputs: torch.Tensor, targets: torch.Tensor, chunked: bool) -> torch.Tensor:
+def model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """A scoring forward's arguments. No KV cache: nothing generates after it, and transformers builds the
+    block-diagonal mask of packed rows (position ids restarting at each conversation) only without one."""
+    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+
+
+def next_token_nll(
+    model: Any,
+    head: Any,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    chunked: bool,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Summed NLL (nats) of `targets` (B*(T-1),), IGNORE where not scored, predicted from `inputs` (B, T):
     position t predicts token t+1. `head` is the model's output layer (reachable when `model` is wrapped);
-    chunked: the chunked loss (see `supported`), else the full logits."""
+    chunked: the chunked loss (see `supported`), else the full logits. positions (B, T): the position ids
+    of packed rows, restarting at each conversation; None: 0, 1, 2, ... in every row."""
     if chunked:
-        hidden = last_hidden(model, inputs)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
+        hidden = last_hidden(model, inputs, positions)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
         return linear_cross_entropy(hidden, head.weight, targets)
-    logits = model(input_ids=inputs).logits[:, :-1].flatten(0, 1)  # (B*(T-1), V)
+    logits = model(**model_inputs(inputs, positions)).logits[:, :-1].flatten(0, 1)  # (B*(T-1), V)
     # Upcast: a bf16 log-softmax over 50k tokens loses digits.
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 

@@ -90,7 +90,9 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     if cfg.lora:  # the base stays frozen; a new adapter trains, or the checkpoint's when resuming
         model = lora.add_adapter(model, cfg, resume_from)
     block_size = resolve_block_size(cfg.block_size, model)
-    rows = batches.training_rows(corpus, block_size)
+    packing = cfg.packing and corpus.format == "chat" and packing_works(model, accelerator.is_main_process)
+    cfg = cfg.model_copy(update={"packing": packing})  # what was done, saved in config.yaml
+    rows = batches.training_rows(corpus, block_size, packing)
     if len(corpus.validation.ids) < 2:
         raise LmtuneError("the validation data is shorter than 2 tokens; pass more --validation-data")
     collate = partial(batches.pad_batch, pad_id=tokenizer.pad_token_id)
@@ -125,6 +127,15 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     return run
 
 
+def packing_works(model: Any, main: bool) -> bool:
+    """Whether this model keeps packed conversations apart; if not, say that they will be padded instead."""
+    if batches.packing_works(model):
+        return True
+    if main:
+        log.warning("this model lets packed conversations attend to each other: one conversation per row instead")
+    return False
+
+
 def make_accelerator(cfg: Config, output: Path) -> Any:
     accelerator = Accelerator(
         # With no GPU, say so: accelerate then joins processes started by torchrun or MPI over gloo
@@ -132,7 +143,8 @@ def make_accelerator(cfg: Config, output: Path) -> Any:
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=resolve_precision(cfg.mixed_precision),
         dynamo_backend="inductor" if cfg.compile else "no",
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # Micro-batches are accumulated by the loop itself, each weighted by its share of the step's tokens.
+        gradient_accumulation_steps=1,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(output),
         # The data order depends only on the seed and the epoch.
@@ -168,7 +180,9 @@ def make_plan(run: Run, corpus: data.Corpus, rows: batches.Rows, steps_per_epoch
         "train_tokens_available": len(corpus.train.ids),
         "data_format": corpus.format,
         "block_size": run.block_size,
-        "blocks": len(rows.dataset),  # chat: conversations, one per row
+        "blocks": len(rows.dataset),  # chat: rows of one conversation, or of several when packed
+        "conversations": rows.conversations,
+        "packing": run.cfg.packing,
         "tokens_dropped": rows.dropped,  # chat: cut from conversations longer than the block size
         "examples_truncated": rows.truncated,
         "examples_skipped": rows.skipped,  # chat: no response token left within the block

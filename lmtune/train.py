@@ -157,33 +157,35 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
         # Resuming mid-epoch: the same order, `skip` batches in; skipped batches are never loaded.
         epoch_batches = acc.skip_first_batches(run.loader, skip) if skip else run.loader
         p.batch_in_epoch, skip = skip, 0
-        for inputs, labels, real_tokens in epoch_batches:  # (B, T) token ids, (B, T) targets or IGNORE
+        for group in optimizer_steps(epoch_batches, cfg.gradient_accumulation_steps):  # its micro-batches
             if p.rng is not None:
                 checkpoint.set_rng_state(p.rng)
                 p.rng = None
-            # forward and backward; accelerate sums micro-batches and syncs gradients on the last one
-            with acc.accumulate(model):
-                batch_loss, n_labels = next_token_loss(
-                    run.model, run.head, inputs, labels, run.chunked, run.accelerator
-                )
-                acc.backward(batch_loss)
-                finite = torch.isfinite(batch_loss.detach())
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    # FSDP2 returns the norm as a DTensor, which cannot be combined with a plain tensor
-                    finite &= torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            p.bad_step = torch.where((p.bad_step == 0) & ~finite, p.step + 1, p.bad_step)  # on device: no sync
-            p.batch_in_epoch += 1
-            p.loss_sum += batch_loss.detach() * n_labels
-            p.loss_tokens += n_labels
-            # Every process gets as many batches (accelerate's even_batches); of packed text, of the
-            # same shape, so this is exact; of chat data, padded per batch, it is this process's share.
-            p.tokens_seen += real_tokens * acc.num_processes
-            if not acc.sync_gradients:
-                continue
+            # forward and backward: each micro-batch's summed loss over the label tokens of the whole step,
+            # all its micro-batches on all processes (counted on device: no sync), so every token weighs the
+            # same; gradients add up locally and are averaged across processes on the last micro-batch
+            step_tokens = acc.reduce(sum(label_count(labels) for _, labels, _, _ in group), "sum").clamp(min=1)
+            finite = torch.ones((), dtype=torch.bool, device=acc.device)
+            for i, (inputs, labels, positions, real_tokens) in enumerate(group):  # (B, T) each, or None
+                with acc.no_sync(model) if i < len(group) - 1 else contextlib.nullcontext():
+                    nll, n_labels = next_token_loss(model, run.head, inputs, labels, run.chunked, acc, positions)
+                    acc.backward(nll / step_tokens * acc.num_processes)  # x processes: their average is the sum
+                finite &= torch.isfinite(nll.detach())
+                p.loss_sum += nll.detach()
+                p.loss_tokens += n_labels
+                p.batch_in_epoch += 1
+                # Every process gets as many batches (accelerate's even_batches); of packed text, of the
+                # same shape, so this is exact; of chat data it is this process's share times processes.
+                p.tokens_seen += real_tokens * acc.num_processes
+            # clip, step
+            if cfg.max_grad_norm:
+                norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                # FSDP2 returns the norm as a DTensor, which cannot be combined with a plain tensor
+                finite &= torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
+            p.bad_step = torch.where((p.bad_step == 0) & ~finite, p.step + 1, p.bad_step)  # on device: no sync
             p.step += 1
             run.say({"event": "progress", "step": p.step, "total_steps": run.total_steps})
 
@@ -224,17 +226,37 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
 
 
 def next_token_loss(
-    model: Any, head: Any, inputs: torch.Tensor, labels: torch.Tensor, chunked: bool, accelerator: Any
+    model: Any,
+    head: Any,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    chunked: bool,
+    accelerator: Any,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token NLL over the label tokens of a batch (B, T), and how many there are (on device, no sync).
-
-    Position t predicts labels[t + 1]; IGNORE labels (chat prompts, padding) are not counted.
-    """
+    """Summed next-token NLL over the label tokens of a batch (B, T), and how many there are (on device, no
+    sync). Position t predicts labels[t + 1]; IGNORE labels (chat prompts, padding) are not counted."""
     targets = labels[:, 1:].flatten()
-    count = (targets != loss.IGNORE).sum()
     with accelerator.autocast():
-        total = loss.next_token_nll(model, head, inputs, targets, chunked)
-    return total / count.clamp(min=1), count
+        total = loss.next_token_nll(model, head, inputs, targets, chunked, positions)
+    return total, label_count(labels)
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens of a (B, T) batch are predicted and scored (on device)."""
+    return (labels[:, 1:] != loss.IGNORE).sum()
+
+
+def optimizer_steps(batches: Any, accumulation: int) -> Any:
+    """The micro-batches of each optimizer step, in lists: `accumulation` of them, fewer at an epoch's end."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accumulation:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def record(run: Run, event: dict[str, Any]) -> None:
@@ -255,7 +277,7 @@ def evaluate(run: Run, p: Progress) -> Score:
     s = score(
         run.model if run.fsdp else acc.unwrap_model(run.model), run.validation, run.block_size, run.block_size,
         run.cfg.batch_size, rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast,
-        reduce=lambda t: acc.reduce(t, "sum"), report=run.say, chunked=run.chunked,
+        reduce=lambda t: acc.reduce(t, "sum"), report=run.say, chunked=run.chunked, packing=run.cfg.packing,
     )  # fmt: skip
     if p.step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
         raise non_finite(run.output, run.cfg.learning_rate, f"the evaluation loss became {s.loss} at step {p.step}")
@@ -374,11 +396,12 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 def estimate_seconds(run: Run) -> float:
     """Time a few forward/backward passes (weights untouched: no optimizer step) and scale to the run."""
-    inputs, labels, _ = next(iter(run.loader))
+    inputs, labels, positions, _ = next(iter(run.loader))
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        run.accelerator.backward(next_token_loss(run.model, run.head, inputs, labels, run.chunked, run.accelerator)[0])
+        nll, count = next_token_loss(run.model, run.head, inputs, labels, run.chunked, run.accelerator, positions)
+        run.accelerator.backward(nll / count)
         timings.append(time.perf_counter() - start)
     run.model.zero_grad(set_to_none=True)
     # The first pass warms caches and allocators, so it is left out.

@@ -130,7 +130,8 @@ def test_chat_examples_are_cut_to_the_block_and_skipped_when_no_response_is_left
     split = data.encode([long_prompt, short], tok, lambda e: None, "t").split([0, 1], tok.eos_token_id, np.uint16)
     ex = Examples(split, block_size=48)
     assert (len(ex), ex.skipped, ex.truncated) == (1, 1, 1)
-    inputs, labels, real = pad_batch([ex[0]], tok.pad_token_id)
+    inputs, labels, positions, real = pad_batch([ex[0]], tok.pad_token_id)
+    assert positions is None  # one conversation per row: positions 0, 1, 2, ...
     assert real == inputs.shape[1] <= 48
     scored = labels[labels != -100]
     assert tok.decode(scored) == "sat on the mat" + tok.eos_token
