@@ -33,6 +33,8 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and copy the shipped recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+data_app = typer.Typer(help="Look at training data as training sees it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -521,6 +523,60 @@ def recipes_copy(
         raise LmtuneError(f"{target} already exists; choose another destination")
     shutil.copyfile(src, target)
     console.print(f"copied {name} to {target}; run it with: lmtune finetune --recipe {target}")
+
+
+@data_app.command("show")
+def data_show(
+    data: Annotated[str, typer.Argument(help="Training data, as for finetune --data.", show_default=False)],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model whose tokenizer and chat template training uses. Default: the recipe's, else the latest run.",
+            show_default=False,
+        ),
+    ] = None,
+    examples: Annotated[int, typer.Option("--examples", "-n", min=1, help="Training rows to show.")] = 3,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", "-r", help="Recipe name (lmtune recipes list) or YAML file.")
+    ] = None,
+    tokenizer: Annotated[str | None, opt("tokenizer")] = None,
+    from_scratch: Annotated[bool | None, opt("from_scratch")] = None,
+    data_format: Annotated[str | None, opt("data_format")] = None,
+    text_column: Annotated[str | None, opt("text_column")] = None,
+    validation_data: Annotated[str | None, opt("validation_data")] = None,
+    validation_percent: Annotated[float | None, opt("validation_percent")] = None,
+    txt_documents: Annotated[str | None, opt("txt_documents")] = None,
+    block_size: Annotated[int | None, opt("block_size")] = None,
+    packing: Annotated[bool | None, opt("packing")] = None,
+) -> None:
+    """Show the first training rows exactly as training sees them: token by token, with their conversations,
+    EOS and the tokens the loss counts (coloured on a terminal, marked in a pipe); warn about chat templates
+    that leave nothing to train on or end responses without EOS.
+
+    Example:  lmtune data show instructions.jsonl --model gpt2 -n 2
+    """
+    from lmtune import runs
+
+    flags = {k: v for k, v in locals().items() if k in config.Config.model_fields}
+    cfg = config.build(recipe, flags)
+    if not cfg.model and not cfg.from_scratch:
+        cfg = cfg.model_copy(update={"model": str(runs.latest())})
+    quiet_libraries()
+    from lmtune.display import Display
+    from lmtune.show import as_text, legend, training_view
+
+    with Display(err_console) as display:
+        view = training_view(cfg, examples, report=display)
+    colour = console.is_terminal
+    for line in view.about:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(legend(colour), soft_wrap=True)
+    for row in view.rows:
+        console.print()
+        console.print(f"── {row.title} ──", style="bold" if colour else None, markup=False, highlight=False)
+        console.print(as_text(row, colour), soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
