@@ -134,14 +134,14 @@ def shown_row(
         pieces.append(Piece(text, any(in_loss[a:b]), eos, label))
     scored, total = sum(in_loss), len(rows.dataset)
     if not numbers:
-        title = f"block {i + 1:,} of {total:,}: {len(ids):,} tokens, {scored:,} in the loss"
+        title = f"block {i + 1:,} of {total:,} ({len(ids):,} tokens, {scored:,} in the loss)"
     elif len(numbers) == 1:
         assert spans is not None and split.starts is not None
         cut = ", cut at the block size" if spans[i][0][1] < split.starts[numbers[0] + 1] else ""
-        title = f"row {i + 1:,} of {total:,}: conversation {numbers[0] + 1:,}, {len(ids):,} tokens{cut}, {scored:,} in the loss"
+        title = f"row {i + 1:,} of {total:,}: conversation {numbers[0] + 1:,} ({len(ids):,} tokens{cut}, {scored:,} in the loss)"
     else:
-        which = ", ".join(f"{c + 1:,}" for c in numbers)
-        title = f"row {i + 1:,} of {total:,}: conversations {which}, {len(ids):,} tokens, {scored:,} in the loss"
+        which = ", ".join(f"{c + 1:,}" for c in numbers[:-1]) + f" and {numbers[-1] + 1:,}"
+        title = f"row {i + 1:,} of {total:,}: conversations {which} ({len(ids):,} tokens, {scored:,} in the loss)"
     return Shown(title, pieces)
 
 

@@ -75,7 +75,7 @@ def test_plain_output_marks_each_token_the_loss_and_eos(cli, tiny_model, chat_da
         assert in_loss(text) == [[tok.decode([t]) for t in tok(answer)["input_ids"]] + [tok.eos_token]]
         assert text.endswith(f"{tok.eos_token}{CLOSE}")
         scored = (labels[1:] != -100).sum().item()
-        assert title == f"row {i + 1} of {n}: conversation {i + 1}, {len(ids)} tokens, {scored} in the loss"
+        assert title == f"row {i + 1} of {n}: conversation {i + 1} ({len(ids)} tokens, {scored} in the loss)"
         assert scored == len(tok(answer)["input_ids"]) + 1
     assert "no token of the answer" not in r.err and "without EOS" not in r.err
 
@@ -91,7 +91,7 @@ def test_packed_rows_show_where_each_conversation_starts(cli, tiny_model, chat_d
     ((title, text),) = shown_rows(r.out).items()
     numbers = re.findall(r"\[conversation (\d+)\] ", text)
     assert len(numbers) >= 2, text  # several conversations share the row
-    assert title.startswith("row 1 of ") and f"conversations {', '.join(numbers)}," in title
+    assert title.startswith("row 1 of ") and f"conversations {', '.join(numbers[:-1])} and {numbers[-1]} (" in title
     # Each conversation starts a line, and each has its own answer and EOS in the loss.
     starts = [line for line in text.splitlines() if "[conversation " in line]
     assert len(starts) == len(numbers) and all(line.startswith("[conversation ") for line in starts)
@@ -106,7 +106,7 @@ def test_text_blocks_count_every_token_but_the_first(cli, tiny_model, corpus):
     assert r.code == 0, r.err
     assert "text data" in r.out and "documents joined by EOS and cut into" in r.out
     ((title, text),) = shown_rows(r.out).items()
-    assert re.fullmatch(r"block 1 of [\d,]+: 32 tokens, 31 in the loss", title), title
+    assert re.fullmatch(r"block 1 of [\d,]+ \(32 tokens, 31 in the loss\)", title), title
     assert text.count(OPEN) == 1 and text.endswith(CLOSE) and not text.startswith(OPEN)
     assert len(in_loss(text)[0]) == 31
 
