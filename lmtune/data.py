@@ -1,16 +1,24 @@
-"""Training text: read documents, tokenize them once (cached), join them with EOS and pack blocks."""
+"""Training text: read documents, tokenize them once into token streams on disk (the verified cache, or a
+folder written by `lmtune prepare`), each document followed by EOS, in memory that does not grow with the data."""
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +27,38 @@ import numpy as np
 from lmtune import atomic
 from lmtune.config import Config
 from lmtune.errors import LmtuneError, first_line
-from lmtune.events import Report
+from lmtune.events import Report, silent
 from lmtune.runs import home
 
 log = logging.getLogger("lmtune")
 
 ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
 LOCAL_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CACHE_VERSION = 3  # bump when the cached token format or the way documents are joined changes (3: checksums)
+# Bump when the cached token format, the way documents are joined or the split changes (3: checksums; 4: the
+# held-out documents chosen by a hash of their content, streams written as they grow).
+CACHE_VERSION = 4
 SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run compares on the same ones
 # The share of the validation text (in characters) that, when it repeats training documents, makes the
 # overlap a warning rather than a note: below it, the repeats are short lines such as headings (WikiText-2's
 # test split repeats 200 of its validation split's 1,160 paragraphs, all headings, 0.4% of its text).
 OVERLAP_WARNING = 0.01
 # A tokenizer call takes at most CHUNK documents (or pieces of one) and about BATCH_CHARS characters: enough
-# for the Rust tokenizer's threads, little enough to report progress and heed Ctrl-C every second or two and to
-# bound memory (it holds ~280 bytes per token while it works: one 50 MiB line tokenized whole peaked at 11.7 GB).
+# for the Rust tokenizer, little enough to report progress and heed Ctrl-C every second or two and to bound
+# memory (it holds ~280 bytes per token while it works: one 50 MiB line tokenized whole peaked at 11.7 GB).
 CHUNK = 1000
 BATCH_CHARS = 1_000_000
 # A document longer than this is tokenized in pieces of about this many characters, their ids joined (one
-# 50 MiB line: 11.7 GB and 2m45s whole, 1.45 GB and 38 s in pieces, the same ids). Ten pieces make a batch,
-# to keep ten threads busy on one long document; 100k characters is ~25k GPT-2 tokens, so almost every
-# document is tokenized whole.
+# 50 MiB line: 11.7 GB and 2m45s whole, 1.45 GB and 38 s in pieces, the same ids). 100k characters is
+# ~25k GPT-2 tokens, so almost every document is tokenized whole.
 MAX_PIECE_CHARS = 100_000
 # Where a long document may be cut: one whitespace character between two others (see `cuts`).
 CUT = re.compile(r"(?<=\S)\s(?=\S)")
+# Documents are read, tokenized and written a group of about this many characters at a time: what memory
+# holds of the data at once, whatever its size (with 2 workers each gets a few BATCH_CHARS batches).
+GROUP_CHARS = 8_000_000
+# A .txt file is read this many characters at a time; the text after its last document boundary is carried over.
+READ_CHARS = 4_000_000
+PARAGRAPH_END = re.compile(r"\n[ \t]*\n")  # a blank line, one holding only spaces too (WikiText's are " \n")
 
 
 @dataclass
@@ -54,7 +69,7 @@ class Split:
     the response tokens count.
     """
 
-    ids: np.ndarray  # (N,) token ids, uint16 or int32
+    ids: np.ndarray  # (N,) token ids, uint16 or int32; a memory map when read from disk
     documents: int
     bytes: int  # UTF-8 bytes of the scored text (all of it; for chat, the responses), for bits per byte
     mask: np.ndarray | None = None  # (N,) bool: True on response tokens (chat only)
@@ -73,6 +88,10 @@ class Corpus:
 
 
 # --- reading documents ------------------------------------------------------------------------
+#
+# A split's documents are a `Source`: read in groups as they are tokenized, never all at once. A .txt file
+# is read a piece at a time; tables (.jsonl, .csv, .parquet, hub datasets) are the datasets library's
+# memory-mapped Arrow tables, iterated in batches of rows.
 
 
 def is_local(spec: str) -> bool:
@@ -145,18 +164,6 @@ def data_format(columns: list[str], cfg: Config, source: str) -> str:
     return "chat" if cfg.data_format == "chat" or (cfg.data_format == "auto" and has_chat) else "text"
 
 
-def column_documents(ds: Any, cfg: Config, source: str) -> Documents:
-    """The documents of a table: texts from --text-column, or conversations from chat columns."""
-    if data_format(ds.column_names, cfg, source) == "text":
-        return column_texts(ds, cfg.text_column, source)
-    if "messages" in ds.column_names:
-        return [check_conversation(m, source, row) for row, m in enumerate(ds["messages"], 1)]
-    return [
-        check_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}], source, row)
-        for row, (p, r) in enumerate(zip(ds["prompt"], ds["response"], strict=True), 1)
-    ]
-
-
 def check_conversation(messages: Any, source: str, row: int) -> Conversation:
     """A list of {role, content} messages with known roles and text content, or a clear error naming the row."""
     if not isinstance(messages, list) or not messages:
@@ -169,15 +176,6 @@ def check_conversation(messages: Any, source: str, row: int) -> Conversation:
             )
         out.append({"role": m["role"], "content": m["content"] or ""})
     return out
-
-
-def column_texts(ds: Any, column: str, source: str) -> list[str]:
-    if column not in ds.column_names:
-        raise LmtuneError(f"{source} has no column `{column}`; it has {', '.join(ds.column_names)}. Pass --text-column")
-    feature = ds.features[column]
-    if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise LmtuneError(f"column `{column}` of {source} holds {feature}, not text; pass --text-column")
-    return [t or "" for t in ds[column]]
 
 
 @functools.cache
@@ -210,30 +208,183 @@ def split_of(path: Path) -> str:
     return "train"
 
 
-def read_files(files: list[Path], spec: str, cfg: Config) -> Documents:
-    if files[0].suffix.lower() == ".txt":
-        if cfg.data_format == "chat":
-            raise LmtuneError(
-                f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`"
-            )
-        docs: list[str] = []
+@dataclass
+class Source:
+    """One split's documents, read in groups (with how far the reading got, for progress) when iterated."""
+
+    name: str  # the file, folder or dataset (and split), for messages
+    format: str  # "text" or "chat"
+    total: int  # its size, for progress: bytes of text files, rows of tables
+    unit: str  # "MB" or "rows"
+    read: Callable[[], Iterator[tuple[list[Any], int]]]  # (documents, bytes or rows read so far); can be called again
+
+    def groups(self) -> Iterator[tuple[list[Any], int]]:
+        """The documents in groups of about GROUP_CHARS characters (one long document may be a group alone)."""
+        group: list[Any] = []
+        chars = 0
+        for docs, done in self.read():
+            for d in docs:
+                group.append(d)
+                chars += len(d) if isinstance(d, str) else sum(len(m["content"]) for m in d)
+                if chars >= GROUP_CHARS:
+                    yield group, done
+                    group, chars = [], 0
+        yield group, self.total
+
+
+def sources(spec: str, cfg: Config) -> dict[str, Source]:
+    """Each split's documents. A file is one split, 'train'; a folder's files named like validation/valid/val/dev
+    or test form those splits; hub datasets have their own."""
+    if is_prepared(spec):
+        raise LmtuneError(
+            f"{spec} holds tokens written by lmtune prepare, not text; train on it with lmtune finetune MODEL --data "
+            f"{spec} (a new model: --tokenizer {Path(spec) / PREPARED_TOKENIZER})"
+        )
+    if not is_local(spec):
+        ds = _hub_dataset(*hub_name(spec))
+        return {split: table_source(ds[split], cfg, f"{spec} ({split})") for split in ds}
+    files = local_files(spec)
+    if len(files) == 1 and not Path(spec).expanduser().is_dir():
+        return {"train": file_source(files, spec, cfg)}
+    by_split: dict[str, list[Path]] = {}
+    for f in files:
+        by_split.setdefault(split_of(f), []).append(f)
+    return {split: file_source(group, spec, cfg) for split, group in sorted(by_split.items())}
+
+
+def read_documents(spec: str, cfg: Config) -> dict[str, Documents]:
+    """Every document by split, in lists: for small data (evaluation, training a tokenizer) and tests."""
+    return {split: [d for docs, _ in s.read() for d in docs] for split, s in sources(spec, cfg).items()}
+
+
+def file_source(files: list[Path], spec: str, cfg: Config) -> Source:
+    if files[0].suffix.lower() != ".txt":
+        return table_source(load_table(files, spec), cfg, spec)
+    if cfg.data_format == "chat":
+        raise LmtuneError(
+            f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`"
+        )
+
+    def read() -> Iterator[tuple[list[str], int]]:
+        before = 0
         for f in files:
+            for docs, done in txt_documents(f, cfg.txt_documents):
+                yield docs, before + done
+            before += f.stat().st_size
+
+    return Source(spec, "text", sum(f.stat().st_size for f in files), "MB", read)
+
+
+def txt_documents(path: Path, mode: str) -> Iterator[tuple[list[str], int]]:
+    """The documents of a .txt file, exactly as `split_txt` cuts the whole text, read READ_CHARS at a time,
+    with the bytes read so far. Only the text after the last boundary read is carried over, so a file of any
+    size is never held whole (one document is: a file read with --txt-documents file, or one huge paragraph)."""
+    try:
+        with path.open(encoding="utf-8") as f:  # universal newlines, as Path.read_text
+            if mode == "file":
+                yield [f.read()], path.stat().st_size
+                return
+            carry = ""
+            while piece := f.read(READ_CHARS):
+                docs, carry = cut_documents(carry, piece, mode)
+                yield docs, f.buffer.tell()  # type: ignore[attr-defined]  # a BufferedReader: bytes read so far
+            if mode == "paragraph" or carry:  # re.split always gives the text after the last boundary
+                yield [carry], path.stat().st_size
+    except UnicodeDecodeError as err:
+        raise LmtuneError(f"{path} is not UTF-8 text ({err.reason} at byte {utf8_error_at(path)})") from None
+
+
+def cut_documents(carry: str, piece: str, mode: str) -> tuple[list[str], str]:
+    """The whole documents in carry + piece, and the text after them (a document that may go on).
+
+    Paragraphs: a PARAGRAPH_END match found in the text read so far is one the whole text has too (it ends at
+    its second newline), and a search that ran into the end of the text resumes with the carried text.
+    Lines: the characters str.splitlines cuts at are single ones here (universal newlines made \\r\\n one \\n).
+    """
+    text = carry + piece
+    if mode == "line":
+        lines = text.splitlines()
+        return (lines, "") if text[-1:] in LINE_ENDS else (lines[:-1], lines[-1])
+    # Only a blank line that ends after the carried text is new: start at its last newline if only spaces follow.
+    kept = carry.rstrip(" \t")
+    start = len(kept) - 1 if kept.endswith("\n") else len(carry)
+    docs, last = [], 0
+    for m in PARAGRAPH_END.finditer(text, max(start, 0)):
+        docs.append(text[last : m.start()])
+        last = m.end()
+    return docs, text[last:]
+
+
+LINE_ENDS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # where str.splitlines cuts
+
+
+def utf8_error_at(path: Path) -> int:
+    """The byte offset of the first byte that is not UTF-8 in a file, read a piece at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            held = len(decoder.getstate()[0])  # bytes of a character begun in the previous block
             try:
-                docs += split_txt(f.read_text(encoding="utf-8"), cfg.txt_documents)
+                decoder.decode(block, final=not block)
             except UnicodeDecodeError as err:
-                raise LmtuneError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-        return docs
+                return offset - held + err.start
+            if not block:
+                return offset
+            offset += len(block)
+
+
+def load_table(files: list[Path], spec: str) -> Any:
+    """Tabular files as one memory-mapped Arrow table (the datasets library converts them once, in its cache)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(
+        return datasets.load_dataset(
             LOCAL_TYPES[files[0].suffix.lower()], data_files=[str(f) for f in files], split="train"
         )
     except Exception as err:
         cause = err.__cause__ or err
         first = first_line(cause)
         raise LmtuneError(f"cannot read {spec}: {bad_jsonl_line(files) or first}") from None
-    return column_documents(ds, cfg, spec)
+
+
+def table_source(ds: Any, cfg: Config, name: str) -> Source:
+    """The rows of a table as texts from --text-column, or as conversations from chat columns, in batches."""
+    fmt = data_format(ds.column_names, cfg, name)
+    if fmt == "text":
+        check_text_column(ds, cfg.text_column, name)
+        columns = [cfg.text_column]
+    else:
+        columns = ["messages"] if "messages" in ds.column_names else ["prompt", "response"]
+
+    def read() -> Iterator[tuple[list[Any], int]]:
+        row = 0
+        for batch in ds.select_columns(columns).iter(batch_size=CHUNK):
+            yield [document(batch, columns, i, row + i + 1, name) for i in range(len(batch[columns[0]]))], row
+            row += len(batch[columns[0]])
+
+    return Source(name, fmt, ds.num_rows, "rows", read)
+
+
+def document(batch: dict[str, list[Any]], columns: list[str], i: int, row: int, source: str) -> str | Conversation:
+    """Row i of a batch: its text, or its conversation (checked, named by its row in the table)."""
+    if columns == ["messages"]:
+        return check_conversation(batch["messages"][i], source, row)
+    if columns == ["prompt", "response"]:
+        prompt, response = batch["prompt"][i], batch["response"][i]
+        return check_conversation(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], source, row
+        )
+    return batch[columns[0]][i] or ""
+
+
+def check_text_column(ds: Any, column: str, source: str) -> None:
+    if column not in ds.column_names:
+        raise LmtuneError(f"{source} has no column `{column}`; it has {', '.join(ds.column_names)}. Pass --text-column")
+    feature = ds.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise LmtuneError(f"column `{column}` of {source} holds {feature}, not text; pass --text-column")
 
 
 def bad_jsonl_line(files: list[Path]) -> str | None:
@@ -253,25 +404,23 @@ def bad_jsonl_line(files: list[Path]) -> str | None:
     return None
 
 
-def read_documents(spec: str, cfg: Config) -> dict[str, Documents]:
-    """Documents by split name. A file is one split, 'train'; a folder's files named like
-    validation/valid/val/dev or test form those splits; hub datasets have their own."""
-    if not is_local(spec):
-        ds = _hub_dataset(*hub_name(spec))
-        return {split: column_documents(ds[split], cfg, f"{spec} ({split})") for split in ds}
-    files = local_files(spec)
-    if len(files) == 1 and not Path(spec).expanduser().is_dir():
-        return {"train": read_files(files, spec, cfg)}
-    by_split: dict[str, list[Path]] = {}
-    for f in files:
-        by_split.setdefault(split_of(f), []).append(f)
-    return {split: read_files(group, spec, cfg) for split, group in sorted(by_split.items())}
-
-
-def train_split(splits: dict[str, Documents], spec: str) -> Documents:
+def train_split(splits: dict[str, Any], spec: str) -> Any:
     if "train" not in splits:
         raise LmtuneError(f"{spec} has only {' and '.join(splits)} data; training needs a `train` split or file")
     return splits["train"]
+
+
+def eval_source(spec: str, cfg: Config) -> Source:
+    """The documents to evaluate on: a file whole; a folder's or hub dataset's validation (else test) split."""
+    splits = sources(spec, cfg)
+    for name in ("validation", "test", "train"):
+        if name in splits:
+            return splits[name]
+    return next(iter(splits.values()))
+
+
+def eval_documents(spec: str, cfg: Config) -> Documents:
+    return [d for docs, _ in eval_source(spec, cfg).read() for d in docs]
 
 
 def identity(spec: str | None) -> Any:
@@ -284,7 +433,7 @@ def identity(spec: str | None) -> Any:
     return [spec, {split: ds[split]._fingerprint for split in ds}]
 
 
-# --- tokenizing, cached -------------------------------------------------------------------------
+# --- tokenizing ---------------------------------------------------------------------------------
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -294,8 +443,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}|{template}".encode()).hexdigest()
 
 
-def tokenize(docs: Sequence[str], tokenizer: Any, report: Report, what: str) -> list[np.ndarray]:
-    """Token ids of each document, in batches (CHUNK, BATCH_CHARS) so the Rust tokenizer can use every core.
+def tokenize(
+    docs: Sequence[str], tokenizer: Any, report: Report, what: str, workers: Workers | None = None
+) -> list[np.ndarray]:
+    """Token ids of each document, in batches (CHUNK, BATCH_CHARS): here, or in worker processes.
 
     A long document goes in pieces (`cuts`) whose ids are joined, so it is still one document. Progress
     counts pieces: the documents, unless some are long.
@@ -303,25 +454,104 @@ def tokenize(docs: Sequence[str], tokenizer: Any, report: Report, what: str) -> 
     long = {i: cuts(d) for i, d in enumerate(docs) if len(d) > MAX_PIECE_CHARS}
     total = len(docs) + sum(len(c) - 2 for c in long.values())
     pieces = ((i, a, b) for i, d in enumerate(docs) for a, b in itertools.pairwise(long.get(i, (0, len(d)))))
+    batches = list(piece_batches(pieces))
+    texts = ([docs[i][a:b] for i, a, b in batch] for batch in batches)
+    results = in_order(workers, texts) if workers else (token_ids(t, tokenizer) for t in texts)
     out: list[np.ndarray] = []
     held: list[np.ndarray] = []  # the ids of the pieces of a long document, until its last one
-    batch: list[tuple[int, int, int]] = []  # (document, start, end)
-    chars = done = 0
-    for n, (i, a, b) in enumerate(pieces, 1):
-        batch.append((i, a, b))
-        chars += b - a
-        if len(batch) < CHUNK and chars < BATCH_CHARS and n < total:
-            continue
-        ids = tokenizer([docs[i][a:b] for i, a, b in batch], add_special_tokens=False)["input_ids"]
+    done = 0
+    for batch, ids in zip(batches, results, strict=True):
         for (i, _, b), x in zip(batch, ids, strict=True):
-            held.append(np.asarray(x, dtype=np.int64))
+            held.append(x)
             if b == len(docs[i]):
                 out.append(held[0] if len(held) == 1 else np.concatenate(held))
                 held = []
         done += len(batch)
         report({"event": "phase", "phase": f"tokenizing {what}", "done": done, "total": total})
-        batch, chars = [], 0
     return out
+
+
+def piece_batches(pieces: Iterable[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+    """(document, start, end) pieces in batches of at most CHUNK pieces and about BATCH_CHARS characters."""
+    batch: list[tuple[int, int, int]] = []
+    chars = 0
+    for i, a, b in pieces:
+        batch.append((i, a, b))
+        chars += b - a
+        if len(batch) >= CHUNK or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# The tokenizer of a worker process: its parent sets it before the workers fork, so each has a copy.
+_worker_tokenizer: Any = None
+
+
+def token_ids(texts: list[str], tokenizer: Any = None) -> list[np.ndarray]:
+    """The ids of each text (int32). The Rust tokenizer is called directly where there is one: measured here
+    1.35x faster than through transformers' __call__, which builds a BatchEncoding around the same ids."""
+    tok = tokenizer if tokenizer is not None else _worker_tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        lists = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        lists = tok(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(x, dtype=np.int32) for x in lists]
+
+
+def default_workers() -> int:
+    """Tokenizing processes: one per core this process may use (LMTUNE_TOKENIZE_WORKERS overrides), 1 where
+    processes cannot fork."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if os.environ.get("LMTUNE_TOKENIZE_WORKERS"):
+        return max(1, int(os.environ["LMTUNE_TOKENIZE_WORKERS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Workers:
+    """Forked processes that tokenize, each single-threaded."""
+
+    pool: Any
+    count: int
+
+
+@contextmanager
+def tokenizer_pool(tokenizer: Any, workers: int) -> Iterator[Workers | None]:
+    """`workers` forked processes that tokenize; None for one: tokenize here (the Rust tokenizer's threads)."""
+    global _worker_tokenizer
+    if workers <= 1 or getattr(tokenizer, "backend_tokenizer", None) is None:
+        yield None
+        return
+    _worker_tokenizer = tokenizer
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker) as pool:
+            yield Workers(pool, workers)  # leaving the block terminates them, on an error or Ctrl-C too
+    finally:
+        _worker_tokenizer = None
+
+
+def quiet_worker() -> None:
+    """A worker leaves Ctrl-C to its parent, which stops it with SIGTERM (the parent's own handlers, inherited
+    by the fork, would keep it alive), and uses one thread: its siblings use the other cores."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def in_order(workers: Workers, batches: Iterable[list[str]]) -> Iterator[list[np.ndarray]]:
+    """token_ids of each batch from the workers, in order, with two batches per worker in flight (Pool.imap
+    would queue every batch at once, and with them the whole text)."""
+    pending: deque[Any] = deque()
+    for texts in batches:
+        pending.append(workers.pool.apply_async(token_ids, (texts,)))
+        if len(pending) >= 2 * workers.count:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def cuts(doc: str) -> list[int]:
@@ -348,8 +578,8 @@ def join(docs: list[np.ndarray], eos: int, dtype: Any) -> np.ndarray:
     """One stream: each document followed by EOS, so the model learns where documents end."""
     if not docs:
         return np.zeros(0, dtype=dtype)
-    eos_arr = np.array([eos], dtype=np.int64)
-    return np.concatenate([x for d in docs for x in (d, eos_arr)]).astype(dtype)
+    eos_arr = np.array([eos], dtype=docs[0].dtype)
+    return np.concatenate([x for d in docs for x in (d, eos_arr)]).astype(dtype, copy=False)
 
 
 def token_dtype(tokenizer: Any) -> Any:
@@ -430,11 +660,11 @@ class Encoded:
         return Split(stream, len(idx), nbytes, mask, starts)
 
 
-def encode(docs: Documents, tokenizer: Any, report: Report, what: str) -> Encoded:
-    """Token ids of each document (texts), or of each conversation with its response mask (chat)."""
+def encode(docs: Documents, tokenizer: Any, report: Report, what: str, workers: Workers | None = None) -> Encoded:
+    """Token ids of each document (texts, here or by `workers`), or of each conversation with its response mask (chat)."""
     if not docs or isinstance(docs[0], str):
         texts = [d for d in docs if isinstance(d, str)]
-        return Encoded(tokenize(texts, tokenizer, report, what), None, [len(t.encode("utf-8")) for t in texts])
+        return Encoded(tokenize(texts, tokenizer, report, what, workers), None, [len(t.encode("utf-8")) for t in texts])
     ensure_chat_template(tokenizer)
     all_ids, masks, nbytes = [], [], []
     eos = tokenizer.eos_token_id
@@ -461,87 +691,47 @@ def encode(docs: Documents, tokenizer: Any, report: Report, what: str) -> Encode
     return Encoded(all_ids, masks, nbytes)
 
 
-def build_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
-    assert cfg.data, "checked by the caller"
-    report({"event": "phase", "phase": f"reading {cfg.data}"})
-    splits = read_documents(cfg.data, cfg)
-    texts = train_split(splits, cfg.data)
-    if cfg.validation_data:
-        val_texts, source = eval_documents(cfg.validation_data, cfg), cfg.validation_data
-    elif "validation" in splits:
-        val_texts, source = splits["validation"], f"the `validation` split of {cfg.data}"
-    else:
-        val_texts, source = None, f"{cfg.validation_percent:g}% of the documents of {cfg.data}, held out"
-
-    chat = bool(texts) and not isinstance(texts[0], str)
-    kept = [t for t in texts if has_text(t)]
-    empty = len(texts) - len(kept)
-    if not kept:
-        what = "0 conversations with a response" if chat else "0 non-empty documents"
-        raise LmtuneError(f"{cfg.data} holds no text ({what})")
-    eos, dtype = tokenizer.eos_token_id, token_dtype(tokenizer)
-    enc = encode(kept, tokenizer, report, "training data")
-    everything = range(len(kept))
-
-    warning = None
-    if val_texts is not None:
-        if val_texts and isinstance(val_texts[0], str) == chat:
-            kinds = ("chat", "plain text") if chat else ("plain text", "chat")
-            raise LmtuneError(f"the training data is {kinds[0]} but the validation data ({source}) is {kinds[1]}")
-        val_kept = [t for t in val_texts if has_text(t)]
-        where = f"--validation-data {cfg.validation_data}" if cfg.validation_data else f"validation: {source}"
-        warning = check_overlap(kept, val_kept, f"--data {cfg.data}, {where}")
-        train = enc.split(everything, eos, dtype)
-        validation = encode(val_kept, tokenizer, report, "validation data").split(range(len(val_kept)), eos, dtype)
-    elif len(kept) >= 2:
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(kept))
-        n_val = max(1, round(len(kept) * cfg.validation_percent / 100))
-        held = set(order[:n_val].tolist())
-        train_idx, val_idx = [i for i in everything if i not in held], sorted(held)
-        # Held out of data that holds some documents twice, a held-out copy was trained on all the same.
-        warning = check_overlap(
-            [kept[i] for i in train_idx], [kept[i] for i in val_idx], f"--data {cfg.data}, validation: {source}"
-        )
-        train = enc.split(train_idx, eos, dtype)
-        validation = enc.split(val_idx, eos, dtype)
-    elif chat:
-        raise LmtuneError(f"{cfg.data} holds one conversation; pass --validation-data or more conversations")
-    else:
-        # One document (a single file read whole): hold out its last tokens instead.
-        stream = join(enc.ids, eos, dtype)
-        cut = len(stream) - max(1, round(len(stream) * cfg.validation_percent / 100))
-        nbytes = enc.nbytes[0]
-        train = Split(stream[:cut], 1, round(nbytes * cut / len(stream)))
-        validation = Split(stream[cut:], 1, nbytes - train.bytes)
-        source = f"the last {cfg.validation_percent:g}% of the tokens of {cfg.data}, held out"
-    if validation.documents == 0:
-        raise LmtuneError(f"validation data from {source} holds no text")
-    return Corpus(
-        train, validation, source, empty, cached=False, format="chat" if chat else "text", overlap_warning=warning
-    )
+# --- the held-out split ---------------------------------------------------------------------------
+#
+# A document is held out when a hash of its content falls under the validation share: the same documents
+# whatever the group size, the number of workers or the order of the files, and every copy of a document on
+# the same side (so held-out validation never repeats training text).
 
 
-def check_overlap(train: Documents, validation: Documents, where: str) -> str | None:
+def content_hash(doc: str | Conversation) -> int:
+    """A document's identity, 64 bits: its text (a conversation's roles and texts) less the whitespace at
+    either end, as the overlap check compares documents; hashed with SPLIT_SEED."""
+    text = doc.strip() if isinstance(doc, str) else json.dumps([(m["role"], m["content"].strip()) for m in doc])
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=SPLIT_SEED.to_bytes(16, "little"))
+    return int.from_bytes(digest.digest(), "little")
+
+
+def split_threshold(percent: float) -> int:
+    """Documents whose hash is below this are held out: `percent` of them, on average."""
+    return round(percent / 100 * 2**64)
+
+
+def held_out(docs: Documents, percent: float) -> list[bool]:
+    """Which of these non-empty documents the held-out split holds out, by the rule preparing applies: a hash
+    under the threshold, else (when none is) the document with the lowest hash. For data read whole."""
+    hashes = [content_hash(d) for d in docs]
+    held = [h < split_threshold(percent) for h in hashes]
+    if len(docs) >= 2 and not any(held):
+        held = [h == min(hashes) for h in hashes]
+    return held
+
+
+def document_length(doc: str | Conversation) -> int:
+    """Characters of text, for the share of the validation text that repeats training documents."""
+    return len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
+
+
+def overlap_warning(shared: int, total: int, share: float, where: str) -> str | None:
     """Say how many validation documents are training documents too; returns the warning, if it is one.
 
-    Documents are compared by content: the same text, or the same conversation, less the whitespace at
-    either end (a paragraph at the end of a file keeps its newline). Repeats that hold at least
-    OVERLAP_WARNING of the validation text are a warning; fewer, a note.
+    Repeats that hold at least OVERLAP_WARNING of the validation text are a warning; fewer, a note.
     """
-
-    def content(doc: str | Conversation) -> Any:
-        return doc.strip() if isinstance(doc, str) else tuple((m["role"], m["content"].strip()) for m in doc)
-
-    def length(doc: str | Conversation) -> int:
-        return len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
-
-    wanted = {content(d) for d in validation}  # the validation side is the small one, usually
-    found = {c for d in train if (c := content(d)) in wanted}
-    shared = [d for d in validation if content(d) in found]
-    if not shared:
-        return None
-    share = sum(map(length, shared)) / max(1, sum(map(length, validation)))
-    said = f"{len(shared):,} of the {len(validation):,} validation documents also appear in the training data ({where})"
+    said = f"{shared:,} of the {total:,} validation documents also appear in the training data ({where})"
     if share < OVERLAP_WARNING:
         log.info("%s; they are %.1f%% of the validation text, too little to matter", said, 100 * share)
         return None
@@ -550,34 +740,246 @@ def check_overlap(train: Documents, validation: Documents, where: str) -> str | 
     return warning
 
 
-def eval_documents(spec: str, cfg: Config) -> Documents:
-    """The documents to evaluate on: a file whole; a folder's or hub dataset's validation (else test) split."""
-    splits = read_documents(spec, cfg)
-    for name in ("validation", "test", "train"):
-        if name in splits:
-            return splits[name]
-    return next(iter(splits.values()))
+# --- token streams on disk --------------------------------------------------------------------------
+#
+# Each split's stream is written to disk as it grows, one group of documents at a time, so memory holds one
+# group whatever the size of the data. The folder is written beside its place and renamed (atomic.py): Ctrl-C,
+# a crash or a full disk leaves no half-written cache entry or prepared folder, and the next run starts over.
+
+HEADER = 128  # bytes of a 1-D .npy header of any length: numpy pads it so that the array can grow in place
 
 
-def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
-    """Tokenized train and validation streams, from the cache when nothing that changes them changed.
+def npy_header(dtype: Any, length: int) -> bytes:
+    out = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    np.lib.format.write_array_header_1_0(out, header)
+    assert len(out.getvalue()) == HEADER, "numpy pads a 1-D header to a fixed size"
+    return out.getvalue()
+
+
+class Stream:
+    """One split's token stream as it is written: NAME.npy (ids) and, for chat data, NAME.mask.npy (True on
+    response tokens) and NAME.starts.npy (where each conversation starts, then the length). Each .npy
+    header is written with its length when the stream is closed."""
+
+    def __init__(self, folder: Path, name: str, dtype: Any, chat: bool):
+        self.name, self.chat = name, chat
+        self.paths = {"ids": folder / f"{name}.npy"}
+        self.dtypes = {"ids": np.dtype(dtype), "mask": np.dtype(bool), "starts": np.dtype(np.int64)}
+        if chat:
+            self.paths |= {"mask": folder / f"{name}.mask.npy", "starts": folder / f"{name}.starts.npy"}
+        self.files = {kind: path.open("w+b") for kind, path in self.paths.items()}
+        self.reset()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def reset(self) -> None:
+        """Empty again (a second pass over the data starts over)."""
+        self.documents = self.tokens = self.bytes = 0
+        for f in self.files.values():
+            f.seek(0)
+            f.truncate()
+            f.write(bytes(HEADER))
+        if self.chat:
+            self.files["starts"].write(np.zeros(1, np.int64).data)
+
+    def add(self, split: Split) -> None:
+        """Append documents (a Split of them: its ids, and for chat its mask and starts)."""
+        self.files["ids"].write(np.ascontiguousarray(split.ids, self.dtypes["ids"]).data)
+        if self.chat and split.mask is not None and split.starts is not None:
+            self.files["mask"].write(np.ascontiguousarray(split.mask).data)
+            self.files["starts"].write(np.ascontiguousarray(split.starts[1:] + self.tokens, np.int64).data)
+        self.documents += split.documents
+        self.tokens += len(split.ids)
+        self.bytes += split.bytes
+
+    def read_back(self) -> np.ndarray:
+        """The ids written so far (for one document, split by its tokens)."""
+        self.files["ids"].flush()
+        return np.fromfile(self.paths["ids"], dtype=self.dtypes["ids"], offset=HEADER)
+
+    def close(self) -> dict[str, int]:
+        """Write each file's header with its length; returns the counts for meta.json."""
+        lengths = {"ids": self.tokens, "mask": self.tokens, "starts": self.documents + 1}
+        for kind, f in self.files.items():
+            f.seek(0)
+            f.write(npy_header(self.dtypes[kind], lengths[kind]))
+            f.close()
+        return {"documents": self.documents, "bytes": self.bytes, "tokens": self.tokens}
+
+
+@dataclass
+class Tally:
+    """What one pass over a split's documents found."""
+
+    documents: int = 0  # non-empty documents
+    empty: int = 0  # empty or blank ones (chat: conversations without a response), skipped
+    lowest: int = 2**64  # the lowest content hash
+    hashes: list[np.ndarray] = field(default_factory=list)  # each document's content hash, when asked to keep them
+    lengths: list[np.ndarray] = field(default_factory=list)  # and its characters
+    found: set[int] = field(default_factory=set)  # hashes it shares with the documents it was checked against
+
+
+def tokenize_split(
+    source: Source,
+    what: str,
+    to_validation: Callable[[np.ndarray], np.ndarray],
+    streams: dict[str, Stream],
+    tokenizer: Any,
+    workers: Workers | None,
+    report: Report,
+    keep: bool = False,
+    against: np.ndarray | None = None,
+) -> Tally:
+    """Tokenize a split's documents a group at a time onto the end of streams["train"], or of
+    streams["validation"] for those `to_validation(hashes)` marks. keep: keep their hashes and lengths;
+    against: find which of these hashes they have too."""
+    tally = Tally()
+    eos, dtype = tokenizer.eos_token_id, streams["train"].dtypes["ids"]
+    scale = 1_000_000 if source.unit == "MB" else 1
+    start, tokens = time.perf_counter(), 0
+    for docs, done in source.groups():
+        kept = [d for d in docs if has_text(d)]
+        tally.empty += len(docs) - len(kept)
+        if kept:
+            hashes = np.fromiter(map(content_hash, kept), np.uint64, len(kept))
+            tally.documents += len(kept)
+            tally.lowest = min(tally.lowest, int(hashes.min()))
+            if keep:
+                tally.hashes.append(hashes)
+                tally.lengths.append(np.fromiter(map(document_length, kept), np.int64, len(kept)))
+            if against is not None:
+                tally.found.update(hashes[np.isin(hashes, against)].tolist())
+            encoded = encode(kept, tokenizer, silent, what, workers)
+            held = to_validation(hashes)
+            for name, which in (("train", ~held), ("validation", held)):
+                if which.any():
+                    split = encoded.split(np.flatnonzero(which).tolist(), eos, dtype)
+                    streams[name].add(split)
+                    tokens += len(split.ids)
+        rate = tokens / max(time.perf_counter() - start, 1e-9)
+        report({
+            "event": "phase", "phase": f"tokenizing {what} ({source.unit})", "done": done // scale,
+            "total": source.total // scale, "info": f"{rate / 1e6:.2f}M tokens/s",
+        })  # fmt: skip
+    return tally
+
+
+def write_streams(cfg: Config, tokenizer: Any, report: Report, folder: Path, workers: int, key: str) -> None:
+    """Tokenize cfg.data (and its validation data) into token streams in the empty `folder`, with meta.json
+    (counts, each file's size and checksum, the tokenizer's fingerprint, `key`). Memory does not grow with the data."""
+    assert cfg.data, "checked by the caller"
+    report({"event": "phase", "phase": f"reading {cfg.data}"})
+    splits = sources(cfg.data, cfg)
+    train = train_split(splits, cfg.data)
+    val: Source | None = None
+    where = ""
+    if cfg.validation_data:
+        val, where = eval_source(cfg.validation_data, cfg), f"--validation-data {cfg.validation_data}"
+        source = cfg.validation_data
+    elif "validation" in splits:
+        val, source = splits["validation"], f"the `validation` split of {cfg.data}"
+        where = f"validation: {source}"
+    else:
+        source = f"{cfg.validation_percent:g}% of the documents of {cfg.data}, held out"
+    chat = train.format == "chat"
+    if val is not None and val.format != train.format:
+        kinds = ("chat", "plain text") if chat else ("plain text", "chat")
+        raise LmtuneError(f"the training data is {kinds[0]} but the validation data ({source}) is {kinds[1]}")
+    fingerprint = tokenizer_fingerprint(tokenizer)  # before chat data gives it a template
+    warning = None
+    with ExitStack() as stack:
+        # Chat data is rendered with its template and tokenized here; it is rarely large.
+        pool = None if chat else stack.enter_context(tokenizer_pool(tokenizer, workers))
+        streams = {
+            name: stack.enter_context(Stream(folder, name, token_dtype(tokenizer), chat))
+            for name in ("train", "validation")
+        }
+
+        def run(source: Source, what: str, to_validation: Callable[[np.ndarray], np.ndarray], **kw: Any) -> Tally:
+            return tokenize_split(source, what, to_validation, streams, tokenizer, pool, report, **kw)
+
+        if val is not None:
+            v = run(val, "validation data", lambda h: np.ones(len(h), bool), keep=True)
+            hashes = np.concatenate(v.hashes) if v.hashes else np.zeros(0, np.uint64)
+            t = run(train, "training data", lambda h: np.zeros(len(h), bool), against=hashes)
+            if t.found:
+                repeated = np.isin(hashes, np.fromiter(t.found, np.uint64, len(t.found)))
+                lengths = np.concatenate(v.lengths)
+                share = lengths[repeated].sum() / max(1, lengths.sum())
+                warning = overlap_warning(int(repeated.sum()), len(hashes), share, f"--data {cfg.data}, {where}")
+        else:
+            threshold = split_threshold(cfg.validation_percent)
+            t = run(train, "training data", lambda h: h < np.uint64(threshold))
+            lowest = t.lowest
+            if t.documents >= 2 and not streams["validation"].documents:
+                # No hash fell under the threshold (little data): hold out the document with the lowest.
+                for s in streams.values():
+                    s.reset()
+                t = run(train, "training data", lambda h: h <= np.uint64(lowest))
+            elif t.documents == 1 and not chat:
+                # One document (a single file read whole): hold out its last tokens instead.
+                hold_out_the_tail(streams, cfg.validation_percent)
+                source = f"the last {cfg.validation_percent:g}% of the tokens of {cfg.data}, held out"
+        if not t.documents:
+            what = "0 conversations with a response" if chat else "0 non-empty documents"
+            raise LmtuneError(f"{cfg.data} holds no text ({what})")
+        if chat and val is None and t.documents == 1:
+            raise LmtuneError(f"{cfg.data} holds one conversation; pass --validation-data or more conversations")
+        if not streams["validation"].documents:
+            raise LmtuneError(f"validation data from {source} holds no text")
+        counts = {name: s.close() for name, s in streams.items()}
+    meta = {
+        "key": key,  # the cache key: a prepared folder with the same one need not be prepared again
+        "validation_source": source,
+        "empty_documents": t.empty,
+        "format": "chat" if chat else "text",
+        "overlap_warning": warning,
+        # The tokenizer as it was, and (chat) with the template it was given: either reads these tokens.
+        "tokenizer": sorted({fingerprint, tokenizer_fingerprint(tokenizer)}),
+        "data": {key: getattr(cfg, key) for key in SOURCE_KEYS},
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": checksum(p)} for p in sorted(folder.glob("*.npy"))},
+        **counts,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+# The settings that decide a prepared folder's tokens, besides the tokenizer.
+SOURCE_KEYS = ("data", "validation_data", "text_column", "data_format", "validation_percent", "txt_documents")
+
+
+def hold_out_the_tail(streams: dict[str, Stream], percent: float) -> None:
+    """A single document: the last `percent` of its tokens (at least one) become the validation split."""
+    written = streams["train"] if streams["train"].documents else streams["validation"]
+    ids, nbytes = written.read_back(), written.bytes
+    for s in streams.values():
+        s.reset()
+    cut = len(ids) - max(1, round(len(ids) * percent / 100))
+    train_bytes = round(nbytes * cut / len(ids))
+    streams["train"].add(Split(ids[:cut], 1, train_bytes))
+    streams["validation"].add(Split(ids[cut:], 1, nbytes - train_bytes))
+
+
+# --- the token cache and prepared folders ---------------------------------------------------------
+
+
+def load_corpus(cfg: Config, tokenizer: Any, report: Report, workers: int | None = None) -> Corpus:
+    """Tokenized train and validation streams (memory-mapped): from a folder written by `lmtune prepare`,
+    from the cache when nothing that changes them changed, else tokenized now into the cache.
 
     A cache entry whose files are not what was written (truncated, overwritten, missing) is rebuilt, with
     one warning. Chat data sets the tokenizer's chat template when it has none (lmtune's SIMPLE_TEMPLATE,
     a constant: the key holds the tokenizer as it was).
     """
-    key_parts = [
-        CACHE_VERSION,
-        identity(cfg.data),
-        identity(cfg.validation_data),
-        cfg.text_column,
-        cfg.txt_documents,
-        cfg.validation_percent,
-        cfg.data_format,
-        tokenizer_fingerprint(tokenizer),
-    ]
-    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
-    folder = home() / "tokens" / key
+    if is_prepared(cfg.data):
+        log.info("tokenized data prepared in %s", cfg.data)
+        return read_prepared(Path(str(cfg.data)).expanduser(), cfg, tokenizer)
+    folder = home() / "tokens" / cache_key(cfg, tokenizer)
     if folder.is_dir():
         try:
             corpus = read_cache(folder)
@@ -590,9 +992,42 @@ def load_corpus(cfg: Config, tokenizer: Any, report: Report) -> Corpus:
             if corpus.overlap_warning:
                 log.warning(corpus.overlap_warning)
             return corpus
-    corpus = build_corpus(cfg, tokenizer, report)
-    write_cache(corpus, folder)
+    write_folder(cfg, tokenizer, report, folder, workers or default_workers())
+    corpus = read_cache(folder)
+    corpus.cached = False
     return corpus
+
+
+def cache_key(cfg: Config, tokenizer: Any) -> str:
+    """What decides the tokens: the data (files by path, size and mtime), the settings and the tokenizer."""
+    key_parts = [
+        CACHE_VERSION,
+        identity(cfg.data),
+        identity(cfg.validation_data),
+        cfg.text_column,
+        cfg.txt_documents,
+        cfg.validation_percent,
+        cfg.data_format,
+        tokenizer_fingerprint(tokenizer),
+    ]
+    return hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
+
+
+def write_folder(
+    cfg: Config, tokenizer: Any, report: Report, folder: Path, workers: int, extra: Callable[[Path], None] | None = None
+) -> None:
+    """write_streams into `folder`, written beside it and renamed: an interruption or a full disk leaves nothing."""
+    key = cache_key(cfg, tokenizer)  # before chat data gives the tokenizer a template
+    try:
+        with atomic.written_beside(folder, folder=True) as tmp:
+            write_streams(cfg, tokenizer, report, tmp, workers, key)
+            if extra:
+                extra(tmp)
+    except OSError as err:
+        raise LmtuneError(
+            f"could not write the tokens of {cfg.data} in {folder}: {err.strerror or first_line(err)}; nothing "
+            "partial was left (free some space, or write elsewhere: LMTUNE_HOME, or lmtune prepare --output)"
+        ) from None
 
 
 class DamagedCache(Exception):
@@ -615,30 +1050,9 @@ def checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_cache(corpus: Corpus, folder: Path) -> None:
-    """The corpus's streams as .npy files, with meta.json holding each file's size and checksum."""
-    # Written beside its place and renamed, so a crash never leaves a cache entry half-written.
-    with atomic.written_beside(folder, folder=True) as tmp:
-        meta: dict[str, Any] = {
-            "validation_source": corpus.validation_source,
-            "empty_documents": corpus.empty_documents,
-            "format": corpus.format,
-            "overlap_warning": corpus.overlap_warning,
-            "files": {},
-        }
-        for name, split in (("train", corpus.train), ("validation", corpus.validation)):
-            arrays = {f"{name}.npy": split.ids}
-            if split.mask is not None and split.starts is not None:
-                arrays |= {f"{name}.mask.npy": split.mask, f"{name}.starts.npy": split.starts}
-            for file, array in arrays.items():
-                np.save(tmp / file, array)
-                meta["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": checksum(tmp / file)}
-            meta[name] = {"documents": split.documents, "bytes": split.bytes, "tokens": len(split.ids)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-
-
 def read_cache(folder: Path) -> Corpus:
-    """A cache entry, after checking each file's size, checksum and token count against meta.json."""
+    """A cache entry or prepared folder, memory-mapped, after checking each file's size, checksum and length
+    against meta.json."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         files = {file: (int(v["bytes"]), str(v["sha256"])) for file, v in meta["files"].items()}
@@ -677,6 +1091,99 @@ def read_cache(folder: Path) -> Corpus:
         splits["train"], splits["validation"], meta["validation_source"], meta["empty_documents"], True,
         meta["format"], meta["overlap_warning"],
     )  # fmt: skip
+
+
+# A prepared folder: a cache entry written where the user says, with the tokenizer it was made with.
+PREPARED_TOKENIZER = "tokenizer"
+
+
+def is_prepared(spec: str | None) -> bool:
+    """Whether --data names a folder written by `lmtune prepare` (or a token cache entry)."""
+    if not spec:
+        return False
+    path = Path(spec).expanduser()
+    return (path / "meta.json").is_file() and (path / "train.npy").is_file()
+
+
+def read_prepared(folder: Path, cfg: Config, tokenizer: Any) -> Corpus:
+    """A prepared folder's streams, checked whole, after checking they are this tokenizer's tokens."""
+    if cfg.validation_data:
+        raise LmtuneError(
+            f"{folder} holds tokens prepared with their validation split; pass --validation-data to lmtune prepare"
+        )
+    try:
+        corpus = read_cache(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        fingerprints, made_from = list(meta["tokenizer"]), meta["data"]["data"]
+    except (DamagedCache, KeyError, TypeError) as err:
+        raise LmtuneError(
+            f"prepared data {folder} is damaged ({err}); prepare it again with lmtune prepare ... --overwrite"
+        ) from None
+    if tokenizer_fingerprint(tokenizer) not in fingerprints:
+        raise LmtuneError(
+            f"{folder} holds tokens of another tokenizer than this run's ({tokenizer.name_or_path}); train with the "
+            f"one it was made with (--tokenizer {folder / PREPARED_TOKENIZER}), or prepare the data for this one: "
+            f"lmtune prepare {made_from} --tokenizer {tokenizer.name_or_path}"
+        )
+    if corpus.format == "chat":
+        ensure_chat_template(tokenizer)
+    if corpus.overlap_warning:
+        log.warning(corpus.overlap_warning)
+    return corpus
+
+
+def prepare(cfg: Config, output: Path, overwrite: bool, report: Report, workers: int | None = None) -> dict[str, Any]:
+    """`lmtune prepare`: tokenize cfg.data once into the folder `output` (token streams, meta.json with the
+    counts, checksums and fingerprints, and the tokenizer), for `lmtune finetune MODEL --data OUTPUT`.
+    Returns what it holds; a folder already prepared from the same data, settings and tokenizer is kept."""
+    from lmtune.config import absolute_paths
+    from lmtune.model import get_tokenizer  # model.py imports this module
+
+    if not cfg.data:
+        raise LmtuneError("no data: lmtune prepare DATA --model M (a file, a folder or a hub dataset name)")
+    if not cfg.model and not cfg.tokenizer:
+        raise LmtuneError("pass --model M or --tokenizer T: the data is prepared as that tokenizer's tokens")
+    cfg = absolute_paths(cfg)
+    output = output.expanduser().absolute()
+    check_prepare_output(cfg, output)
+    tokenizer = get_tokenizer(cfg, report)
+    start = time.perf_counter()
+    key = cache_key(cfg, tokenizer)
+    kept = not overwrite and prepared_key(output) == key
+    if not kept:
+        if output.exists() and not overwrite:
+            raise LmtuneError(
+                f"{output} holds data prepared from other data, settings or tokenizer; pass --overwrite to replace it"
+            )
+        save_tokenizer = lambda folder: tokenizer.save_pretrained(folder / PREPARED_TOKENIZER)  # noqa: E731
+        write_folder(cfg, tokenizer, report, output, workers or default_workers(), save_tokenizer)
+    corpus = read_prepared(output, cfg.model_copy(update={"validation_data": None}), tokenizer)
+    seconds = time.perf_counter() - start
+    tokens = len(corpus.train.ids) + len(corpus.validation.ids)
+    return {
+        "output": str(output), "already_prepared": kept, "format": corpus.format,
+        "documents": corpus.train.documents, "empty_documents": corpus.empty_documents,
+        "train_tokens": len(corpus.train.ids), "validation_documents": corpus.validation.documents,
+        "validation_tokens": len(corpus.validation.ids), "validation": corpus.validation_source,
+        "seconds": seconds, "tokens_per_second": tokens / seconds, "overlap_warning": corpus.overlap_warning,
+    }  # fmt: skip
+
+
+def check_prepare_output(cfg: Config, output: Path) -> None:
+    """An --output that is free or holds prepared data; never one that holds the data."""
+    for spec in (cfg.data, cfg.validation_data):
+        if spec and is_local(spec) and Path(spec).expanduser().resolve().is_relative_to(output.resolve()):
+            raise LmtuneError(f"--output {output} holds the data {spec}; write the prepared data elsewhere")
+    if output.exists() and not is_prepared(str(output)):
+        raise LmtuneError(f"{output} exists and is not prepared data; choose another --output")
+
+
+def prepared_key(folder: Path) -> str | None:
+    """The cache key a prepared folder was written with, if it is one."""
+    try:
+        return str(json.loads((folder / "meta.json").read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def eval_split(spec: str, cfg: Config, tokenizer: Any, report: Report) -> Split:

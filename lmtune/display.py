@@ -169,8 +169,8 @@ class Display:
         name, total, done = event["phase"], event.get("total"), event.get("done")
         if self.progress:
             task = self._task(name, total)
-            if done is not None:
-                self.progress.update(task, completed=done, total=total)
+            if done is not None:  # info: a phase's own figure, such as tokens/s while tokenizing
+                self.progress.update(task, completed=done, total=total, info=event.get("info", ""))
             if name == "evaluating" and done == total:
                 # Evaluation repeats: forget its bar so the next one starts fresh.
                 self.progress.remove_task(task)
@@ -184,6 +184,6 @@ class Display:
             self.print(f"{name}" + (f" ({total:,})" if total else "") + " ...")
         elif done is not None and total and now - self.last_line > 10:
             self.last_line = now
-            self.print(f"{name}: {done:,}/{total:,}")
+            self.print(f"{name}: {done:,}/{total:,}" + (f"  {event['info']}" if event.get("info") else ""))
         if name == "evaluating" and done == total:
             self.phase = ""

@@ -6,6 +6,8 @@ import pytest
 import yaml
 from conftest import read_json, write_paragraphs
 
+from lmtune import data
+
 SUMMARY_KEYS = {
     "steps", "train_tokens", "train_seconds", "tokens_per_second", "eval_loss", "eval_perplexity",
     "base_eval_loss", "base_eval_perplexity",
@@ -294,7 +296,9 @@ def test_a_folder_of_jsonl_with_its_own_column(quick, tmp_path):
         rows = [{"content": f"the cat {i} sat on the mat number {j} in the warm sun"} for j in range(40)]
         (folder / f"part{i}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     run = quick("--text-column", "content", "--max-steps", "2", data=folder)
-    assert read_json(run / "summary.json")["documents"] == 114  # 120 documents, 5% held out
+    docs = [f"the cat {i} sat on the mat number {j} in the warm sun" for i in range(3) for j in range(40)]
+    held = sum(data.held_out(docs, 5))  # 5% held out by a hash of each document: about 6
+    assert read_json(run / "summary.json")["documents"] == 120 - held and 1 <= held <= 15
 
 
 def test_model_can_be_given_as_a_flag(cli, tiny_model, corpus, tmp_path):
@@ -317,9 +321,10 @@ def test_model_can_be_given_as_a_flag(cli, tiny_model, corpus, tmp_path):
 
 
 def test_validation_percent_is_used_without_validation_data(quick, tmp_path):
-    data = write_paragraphs(tmp_path / "d.txt", 100, seed=5)
-    summary = read_json(quick("--validation-percent", "10", "--max-steps", "1", data=data) / "summary.json")
-    assert summary["validation_documents"] == 10 and "10% of the documents" in summary["validation"]
+    path = write_paragraphs(tmp_path / "d.txt", 100, seed=5)
+    summary = read_json(quick("--validation-percent", "10", "--max-steps", "1", data=path) / "summary.json")
+    held = sum(data.held_out(data.split_txt(path.read_text(), "paragraph"), 10))  # about 10, by hash
+    assert summary["validation_documents"] == held and "10% of the documents" in summary["validation"]
 
 
 def test_error_text_is_printed_literally(cli, tiny_model):
