@@ -185,6 +185,10 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
 
 
+# How validation documents are held out of the training data (data.held_out); kept in each checkpoint, so a
+# run whose held-out documents were chosen another way is not resumed on other training data.
+HELD_OUT = "content hash"
+
 # How a checkpoint written before a key existed was trained: chat data was not packed.
 WRITTEN_BEFORE_THE_KEY_EXISTED = {"packing": False}
 
@@ -192,8 +196,11 @@ WRITTEN_BEFORE_THE_KEY_EXISTED = {"packing": False}
 # --- resuming ----------------------------------------------------------------------------------------
 
 
-def check_resumable(saved: dict[str, Any], cfg: Config, processes: int, fsdp: bool, output: Path, force: bool) -> None:
-    """Refuse to resume a checkpoint with settings that would make it another run (unless forced)."""
+def check_resumable(
+    saved: dict[str, Any], cfg: Config, processes: int, fsdp: bool, held_out: bool, output: Path, force: bool
+) -> None:
+    """Refuse to resume a checkpoint with settings that would make it another run (unless forced).
+    held_out: this run's validation documents are held out of its data."""
     changed = differences(saved["config"], cfg.model_dump(exclude={"output"}))
     if saved["processes"] != processes:
         changed.append(f"processes ({saved['processes']} -> {processes})")
@@ -201,6 +208,12 @@ def check_resumable(saved: dict[str, Any], cfg: Config, processes: int, fsdp: bo
         raise LmtuneError(
             f"cannot resume {output}: its checkpoint was written {'with' if saved.get('fsdp') else 'without'} "
             "FSDP; resume with the same accelerate config"
+        )
+    if held_out and saved.get("held_out") != HELD_OUT and not force:
+        raise LmtuneError(
+            f"cannot resume {output}: it was stopped by an earlier lmtune, which held out other documents of "
+            f"{cfg.data} for validation (now a hash of each document's text decides); resuming would go on "
+            "with other training data. Start over with --overwrite, or pass --force to go on all the same"
         )
     if changed and not force:
         raise LmtuneError(

@@ -61,6 +61,12 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     ]
     if "estimated_seconds" in plan:
         rows.append(("estimated time", f"{duration(plan['estimated_seconds'])} of training (evaluations not included)"))
+    if "peak_gpu_memory_bytes" in plan:
+        rows.append(("peak memory", f"{plan['peak_gpu_memory_bytes'] / 2**30:,.2f} GiB on the GPU in the timed passes"))
+    elif "peak_rss_bytes" in plan:
+        rows.append(
+            ("peak memory", f"{plan['peak_rss_bytes'] / 2**30:,.2f} GiB (this process, data preparation included)")
+        )
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", str(v))
     return t

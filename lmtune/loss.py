@@ -39,8 +39,11 @@ def last_hidden(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor 
 
 
 def model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> dict[str, Any]:
-    """A scoring forward's arguments. No KV cache: nothing generates after it, and transformers builds the
-    block-diagonal mask of packed rows (position ids restarting at each conversation) only without one."""
+    """A scoring forward's arguments. Packed rows (position ids restarting at each conversation) go without
+    a KV cache: transformers builds their block-diagonal mask only then (and looks for packing with one host
+    sync per forward, which rows with plain positions and a cache skip)."""
+    if position_ids is None:
+        return {"input_ids": input_ids}
     return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
 
 

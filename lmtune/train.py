@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import signal
@@ -24,10 +25,13 @@ from accelerate.utils import gather_object
 
 from lmtune import card, checkpoint, hub, loss, runs
 from lmtune.config import Config
+from lmtune.errors import LmtuneError
 from lmtune.evaluate import Score, score
 from lmtune.events import Report, log_report
 from lmtune.setup import Run, check_inputs, prepare
 from lmtune.stop import StopSignals, final_save_failed, non_finite
+
+log = logging.getLogger("lmtune")
 
 
 def shared(default: Any) -> Any:
@@ -101,11 +105,13 @@ def finetune(
         resume_from = checkpoint.find_resume_checkpoint(output, report) if resume else None
         run = prepare(cfg, output, resume_from, report)
         if dry_run:
-            return {**run.plan, "estimated_seconds": estimate_seconds(run)}
+            return {**run.plan, **timed_passes(run)}
         run.say({"event": "plan", **run.plan})
         saved, tensors = checkpoint.load(resume_from) if resume_from else ({}, {})
         if saved:
-            checkpoint.check_resumable(saved, run.cfg, run.accelerator.num_processes, run.fsdp, output, force)
+            held_out = "held out" in run.plan["validation"]  # not a file or split of its own
+            acc = run.accelerator
+            checkpoint.check_resumable(saved, run.cfg, acc.num_processes, run.fsdp, held_out, output, force)
         start_run_folder(run, saved, overwrite)
         progress = resumed(run, saved, tensors) if saved else Progress().to(run.accelerator.device)
         stop.armed = True  # from here a signal asks for a checkpoint at the next step
@@ -143,6 +149,7 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
     if skip >= len(run.loader):
         start_epoch, skip = start_epoch + 1, 0
     model.train()
+    pieces = 1  # each micro-batch is split into this many (more after running out of GPU memory)
     tick = time.perf_counter()
     for epoch in range(start_epoch, run.epochs):
         if p.step >= run.total_steps:
@@ -161,22 +168,19 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
             if p.rng is not None:
                 checkpoint.set_rng_state(p.rng)
                 p.rng = None
-            # forward and backward: each micro-batch's summed loss over the label tokens of the whole step,
-            # all its micro-batches on all processes (counted on device: no sync), so every token weighs the
-            # same; gradients add up locally and are averaged across processes on the last micro-batch
-            step_tokens = acc.reduce(sum(label_count(labels) for _, labels, _, _ in group), "sum").clamp(min=1)
-            finite = torch.ones((), dtype=torch.bool, device=acc.device)
-            for i, (inputs, labels, positions, real_tokens) in enumerate(group):  # (B, T) each, or None
-                with acc.no_sync(model) if i < len(group) - 1 else contextlib.nullcontext():
-                    nll, n_labels = next_token_loss(model, run.head, inputs, labels, run.chunked, acc, positions)
-                    acc.backward(nll / step_tokens * acc.num_processes)  # x processes: their average is the sum
-                finite &= torch.isfinite(nll.detach())
-                p.loss_sum += nll.detach()
-                p.loss_tokens += n_labels
-                p.batch_in_epoch += 1
-                # Every process gets as many batches (accelerate's even_batches); of packed text, of the
-                # same shape, so this is exact; of chat data it is this process's share times processes.
-                p.tokens_seen += real_tokens * acc.num_processes
+            # forward and backward; out of GPU memory, the same step again in micro-batches of half the rows
+            while True:
+                try:
+                    nll, n_labels, finite = forward_backward(run, split_rows(group, pieces))
+                    break
+                except torch.OutOfMemoryError:
+                    pieces = fewer_rows(run, group, pieces, p.step + 1)
+            p.loss_sum += nll
+            p.loss_tokens += n_labels
+            p.batch_in_epoch += len(group)
+            # Every process gets as many batches (accelerate's even_batches); of packed text, of the same
+            # shape, so this is exact; of chat data it is this process's share times processes.
+            p.tokens_seen += sum(real_tokens for *_, real_tokens in group) * acc.num_processes
             # clip, step
             if cfg.max_grad_norm:
                 norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -240,6 +244,62 @@ def next_token_loss(
     with accelerator.autocast():
         total = loss.next_token_nll(model, head, inputs, targets, chunked, positions)
     return total, label_count(labels)
+
+
+def forward_backward(run: Run, group: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one optimizer step from its micro-batches; returns their summed NLL, label tokens, and
+    whether every loss was finite (all on device).
+
+    Each micro-batch's summed loss is divided by the label tokens of the whole step, all its micro-batches
+    on all processes (counted on device: no sync), so every token weighs the same. Gradients add up
+    locally and are averaged across processes on the last micro-batch.
+    """
+    acc = run.accelerator
+    step_tokens = acc.reduce(sum(label_count(labels) for _, labels, _, _ in group), "sum").clamp(min=1)
+    total, tokens = torch.zeros((), device=acc.device), torch.zeros((), dtype=torch.long, device=acc.device)
+    finite = torch.ones((), dtype=torch.bool, device=acc.device)
+    for i, (inputs, labels, positions, _) in enumerate(group):  # (B, T) each, positions or None
+        with acc.no_sync(run.model) if i < len(group) - 1 else contextlib.nullcontext():
+            nll, n_labels = next_token_loss(run.model, run.head, inputs, labels, run.chunked, acc, positions)
+            acc.backward(nll / step_tokens * acc.num_processes)  # x processes: their average is the sum
+        finite &= torch.isfinite(nll.detach())
+        total += nll.detach()
+        tokens += n_labels
+    return total, tokens, finite
+
+
+def split_rows(group: list[Any], pieces: int) -> list[Any]:
+    """Each micro-batch of `group` cut into `pieces` micro-batches of fewer rows (the same tokens)."""
+    if pieces == 1:
+        return group
+    out = []
+    for inputs, labels, positions, real_tokens in group:
+        parts = zip(
+            inputs.tensor_split(pieces), labels.tensor_split(pieces),
+            positions.tensor_split(pieces) if positions is not None else [None] * pieces, strict=True,
+        )  # fmt: skip
+        out += [(i, lab, pos, real_tokens) for i, lab, pos in parts if len(i)]
+    return out
+
+
+def fewer_rows(run: Run, group: list[Any], pieces: int, step: int) -> int:
+    """After CUDA ran out of memory: twice as many micro-batches of half the rows for this step and the
+    next (the same tokens per step, and the same gradients: every token weighs the same), said once."""
+    run.optimizer.zero_grad(set_to_none=True)  # what the failed attempt accumulated
+    torch.cuda.empty_cache()
+    rows = math.ceil(len(group[0][0]) / pieces)
+    if rows == 1 or run.accelerator.num_processes > 1:
+        # Several processes would have to agree on the split before their next collective.
+        raise LmtuneError(
+            f"out of GPU memory at step {step} with micro-batches of {rows} row(s) of up to {group[0][0].shape[1]} "
+            "tokens; pass a smaller --batch-size with more --gradient-accumulation-steps (the same tokens per "
+            "step), a smaller --block-size, or --lora"
+        )
+    log.warning(
+        "out of GPU memory at step %d: going on with micro-batches of %d rows instead of %d, twice as many "
+        "(the same tokens per step)", step, math.ceil(rows / 2), rows,
+    )  # fmt: skip
+    return pieces * 2
 
 
 def label_count(labels: torch.Tensor) -> torch.Tensor:
@@ -320,6 +380,7 @@ def save_checkpoint(run: Run, p: Progress, base: Score) -> Path | None:
     state = {
         **common, "scheduler": run.scheduler.state_dict(), "base": asdict(base),
         "processes": run.accelerator.num_processes, "fsdp": run.fsdp, "config": run.cfg.model_dump(exclude={"output"}),
+        "held_out": checkpoint.HELD_OUT,
     }  # fmt: skip
     model = run.accelerator.unwrap_model(run.model)
     return checkpoint.save(
@@ -394,8 +455,11 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}  # bytes on macOS, KiB on Linux
 
 
-def estimate_seconds(run: Run) -> float:
-    """Time a few forward/backward passes (weights untouched: no optimizer step) and scale to the run."""
+def timed_passes(run: Run) -> dict[str, Any]:
+    """Time a few forward/backward passes (weights untouched: no optimizer step), scale them to the run, and
+    measure the memory they took: on a GPU the peak PyTorch allocated, else the process's peak RSS."""
+    if run.accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.accelerator.device)
     inputs, labels, positions, _ = next(iter(run.loader))
     timings = []
     for _ in range(3):
@@ -405,4 +469,5 @@ def estimate_seconds(run: Run) -> float:
         timings.append(time.perf_counter() - start)
     run.model.zero_grad(set_to_none=True)
     # The first pass warms caches and allocators, so it is left out.
-    return min(timings[1:]) * run.cfg.gradient_accumulation_steps * run.total_steps
+    seconds = min(timings[1:]) * run.cfg.gradient_accumulation_steps * run.total_steps
+    return {"estimated_seconds": seconds, **peak_memory(run.accelerator.device)}

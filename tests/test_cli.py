@@ -1,6 +1,7 @@
 """`lmtune` driven end to end, in-process, through the flags a user types."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -145,6 +146,8 @@ def test_dry_run_plans_and_writes_nothing_but_the_token_cache(cli, tiny_model, c
     assert r.code == 0, r.err
     for word in ("documents", "blocks", "tokens dropped", "steps", "tokens per step", "estimated time"):
         assert word in r.out
+    # The memory the timed passes took, measured (on a CPU: the process's peak RSS, here well under 2 GiB).
+    assert re.search(r"peak memory +[01]\.\d\d GiB \(this process", r.out), r.out
     # It says what it did: the token cache is written (the real run reuses it), no run folder is.
     said = " ".join(r.out.split())
     assert "Dry run: nothing was trained and no run folder was made (tokenized data is cached for the real run)" in said

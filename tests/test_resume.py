@@ -321,13 +321,15 @@ def test_a_run_stopped_by_the_previous_version_resumes(cli, tmp_path):
 
     old = shutil.copytree(Path(__file__).parent / "data" / "old-run", tmp_path / "old-run")
     model, data = make_tiny_model(tmp_path / "tiny"), write_paragraphs(tmp_path / "train.txt", 120, seed=1)
+    valid = write_paragraphs(tmp_path / "valid.txt", 20, seed=2)  # given: the rule for holding out changed since
     args = [
-        "finetune", model, "--data", data, "--output", old, "--block-size", "32", "--batch-size", "4",
+        "finetune", model, "--data", data, "--validation-data", valid, "--output", old, "--block-size", "32", "--batch-size", "4",
         "--max-steps", "12", "--lr", "1e-3", "--log-every", "1", "--eval-every", "4", "--save-every", "1",
         "--keep-checkpoints", "1", "--mixed-precision", "no", "--resume",
     ]  # fmt: skip
     moved = cli(*args)  # the folders it named are elsewhere here; nothing else differs
     assert moved.code == 1 and "model (" in moved.err and "data (" in moved.err, moved.err
+    assert "validation_data (" in moved.err, moved.err
     assert "batch_size" not in moved.err and "seed" not in moved.err, moved.err
 
     r = cli(*args, "--force")
@@ -341,3 +343,21 @@ def test_a_run_stopped_by_the_previous_version_resumes(cli, tmp_path):
     for mine, theirs in zip(records, reference, strict=True):
         key = "loss" if mine["event"] == "train" else "eval_loss"
         assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine, theirs)
+
+
+def test_a_run_whose_held_out_documents_were_chosen_another_way_is_not_resumed(
+    cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    """Checkpoints of lmtune before the content-hash split say nothing of it: resuming one whose validation
+    was held out of its data would go on with other training documents, so it is refused unless --force."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint.torch, "save", _fail_after(2))
+    assert short_run(cli, tiny_model, corpus, out).code == 1  # stopped after two checkpoints, data held out
+    monkeypatch.undo()
+    for state in (out / "checkpoints").glob("step-*/state.json"):
+        saved = json.loads(state.read_text())
+        assert saved.pop("held_out") == "content hash"
+        state.write_text(json.dumps(saved))  # as an earlier lmtune wrote it
+    refused = short_run(cli, tiny_model, corpus, out, "--resume")
+    assert refused.code == 1 and "held out other documents" in refused.err and "--force" in refused.err, refused.err
+    assert short_run(cli, tiny_model, corpus, out, "--resume", "--force").code == 0

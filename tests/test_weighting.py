@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import WORDS
 from safetensors.torch import load_file
 
@@ -77,3 +78,40 @@ def test_two_processes_train_the_same_model_as_one(cli, tiny_model, uneven_chat,
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert largest_difference(single, double) < 1e-6
+
+
+def test_out_of_gpu_memory_halves_the_micro_batches_and_trains_the_same_model(
+    cli, tiny_model, uneven_chat, tmp_path, monkeypatch, caplog
+):
+    """A CUDA out-of-memory error (raised here by a stand-in for a GPU with room for 2 rows) redoes the step
+    in micro-batches of half the rows, twice as many: the same tokens, the same gradients."""
+    from lmtune import loss
+
+    real = loss.next_token_nll
+
+    def small_gpu(model, head, inputs, *args, **kwargs):
+        if len(inputs) > 2 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, head, inputs, *args, **kwargs)
+
+    reference = tmp_path / "batch2x4"
+    assert cli(*args(tiny_model, uneven_chat, reference, 2, 4)).code == 0
+    monkeypatch.setattr(loss, "next_token_nll", small_gpu)
+    halved = tmp_path / "batch8"
+    r = cli(*args(tiny_model, uneven_chat, halved, 8, 1))
+    assert r.code == 0, r.err
+    assert "out of GPU memory at step 1: going on with micro-batches of 4 rows instead of 8" in caplog.text
+    assert "of 2 rows instead of 4" in caplog.text
+    assert largest_difference(reference, halved) < 1e-6
+
+    one_row = tmp_path / "one-row"
+
+    def no_room(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss, "next_token_nll", no_room)
+    r = cli(*args(tiny_model, uneven_chat, one_row, 1, 1))
+    assert r.code == 1 and "out of GPU memory at step 1 with micro-batches of 1 row(s)" in r.err, r.err
+    assert "--gradient-accumulation-steps" in r.err

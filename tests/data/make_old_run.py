@@ -20,7 +20,8 @@ shutil.rmtree(work, ignore_errors=True)
 work.mkdir(parents=True)
 make_tiny_model(work / "tiny")
 write_paragraphs(work / "train.txt", 120, seed=1)
-env = {**os.environ, "LMTUNE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+write_paragraphs(work / "valid.txt", 20, seed=2)
+env = {**os.environ, "LMTUNE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1"}
 
 
 def cmd(o, *extra):
@@ -32,6 +33,8 @@ def cmd(o, *extra):
         str(work / "tiny"),
         "--data",
         str(work / "train.txt"),
+        "--validation-data",
+        str(work / "valid.txt"),
         "--output",
         str(o),
         "--block-size",
