@@ -164,6 +164,47 @@ def finetune(
         print_finished(result)
 
 
+@app.command()
+def prepare(
+    data: Annotated[str, typer.Argument(help="Data to tokenize, as for finetune --data.", show_default=False)],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model whose tokenizer to use.")] = None,
+    tokenizer: Annotated[str | None, opt("tokenizer")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder to write. Default: DATA's name + '-tokens', here.")
+    ] = None,
+    text_column: Annotated[str | None, opt("text_column")] = None,
+    data_format: Annotated[str | None, opt("data_format")] = None,
+    validation_data: Annotated[str | None, opt("validation_data")] = None,
+    validation_percent: Annotated[float | None, opt("validation_percent")] = None,
+    txt_documents: Annotated[str | None, opt("txt_documents")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace prepared data already at --output.")] = False,
+) -> None:
+    """Tokenize DATA once into a folder that finetune --data reads: token streams, their counts and checksums,
+    and the tokenizer. Prepare once on shared storage for a job on several machines.
+
+    Example:  lmtune prepare corpus.txt --model gpt2 --output corpus-tokens  |  lmtune finetune gpt2 --data corpus-tokens
+    """
+    flags = {k: v for k, v in locals().items() if k in config.Config.model_fields and k != "output"}
+    cfg = config.build(None, flags)
+    target = output or Path(f"{Path(data.rstrip('/')).stem.replace(':', '-') or 'data'}-tokens")
+    quiet_libraries()
+    from lmtune.data import prepare as run_prepare
+    from lmtune.display import Display, duration
+
+    with Display(err_console) as display:
+        r = run_prepare(cfg, target, overwrite, report=display)
+    said = "already prepared (same data, settings and tokenizer)" if r["already_prepared"] else "prepared"
+    console.print(
+        f"[bold green]{said}[/] {r['output']}: {r['documents']:,} training documents, {r['train_tokens']:,} tokens "
+        f"({r['empty_documents']:,} empty skipped); validation {r['validation_tokens']:,} tokens in "
+        f"{r['validation_documents']:,} documents ({r['validation']})"
+        + ("" if r["already_prepared"] else f"; {duration(r['seconds'])}, {r['tokens_per_second']:,.0f} tokens/s")
+        + f"\ntrain on it: lmtune finetune {cfg.model or 'MODEL'} --data {r['output']}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
 def print_finished(result: dict[str, Any]) -> None:
     """What a finished run did: time and speed, perplexity before and after, where it is."""
     from lmtune.display import duration

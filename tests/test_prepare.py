@@ -1,9 +1,15 @@
 """Preparing data of any size: bounded memory, the hash split, `lmtune prepare` and --data DIR, interruptions."""
 
+import errno
+import json
+import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -134,7 +140,7 @@ PEAK = textwrap.dedent(
 def peak_rss_preparing(tiny_model, path, home):
     out = subprocess.run(
         [sys.executable, "-c", PEAK, str(tiny_model), str(path)],
-        capture_output=True, text=True, check=True, env={**__import__("os").environ, "LMTUNE_HOME": str(home)},
+        capture_output=True, text=True, check=True, env={**os.environ, "LMTUNE_HOME": str(home)},
     )  # fmt: skip
     tokens, peak = map(int, out.stdout.split())
     return tokens, peak
@@ -157,3 +163,159 @@ def test_peak_memory_does_not_grow_with_the_data(tiny_model, tmp_path):
     assert large_tokens > 5 * small_tokens
     # Measured: 420 MB for both (before streaming: 420 and 466 MB, the text, its documents and ids held whole).
     assert large_peak - small_peak < 15_000_000, (small_peak, large_peak)
+
+
+def prepared_counts(out):
+    return json.loads((out / "meta.json").read_text())
+
+
+def test_prepare_then_finetune_from_the_folder_without_the_text(cli, tiny_model, corpus, tmp_path, lmtune_home):
+    text = tmp_path / "text.txt"
+    shutil.copy(corpus / "train.txt", text)
+    out = tmp_path / "prepared"
+    r = cli("prepare", text, "--model", tiny_model, "--output", out, "--validation-percent", "10")
+    assert r.code == 0, r.err
+    meta = prepared_counts(out)
+    said = " ".join(r.out.split())
+    assert (
+        f"prepared {out}: {meta['train']['documents']:,} training documents, {meta['train']['tokens']:,} tokens" in said
+    )
+    assert f"train on it: lmtune finetune {tiny_model} --data {out}" in said
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    # The same tokens as the cache of a run on the text holds.
+    tok = load_tokenizer(str(tiny_model))
+    from_text = data.load_corpus(Config(data=str(text), validation_percent=10), tok, lambda e: None)
+    from_folder = data.load_corpus(Config(data=str(out)), tok, lambda e: None)
+    assert np.array_equal(from_text.train.ids, from_folder.train.ids)
+    assert np.array_equal(from_text.validation.ids, from_folder.validation.ids)
+
+    # Prepared once: asked again, it is kept, not tokenized again.
+    again = cli("prepare", text, "--model", tiny_model, "--output", out, "--validation-percent", "10")
+    assert again.code == 0 and "already prepared (same data, settings and tokenizer)" in again.out, again.err
+
+    # Training reads the folder, never the text, and tokenizes nothing.
+    text.unlink()
+    shutil.rmtree(lmtune_home / "tokens")
+    run = tmp_path / "run"
+    r = cli("finetune", tiny_model, "--data", out, "--output", run, "--block-size", "32", "--max-steps", "2")
+    assert r.code == 0, r.err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["documents"] == meta["train"]["documents"]
+    assert summary["validation_tokens"] == meta["validation"]["tokens"]
+    assert not (lmtune_home / "tokens").exists()
+    # A new model takes the tokenizer the folder was prepared with.
+    r = cli("finetune", "--from-scratch", "--tokenizer", out / "tokenizer", "--data", out, "--n-layer", "1",
+            "--n-head", "2", "--n-embd", "16", "--n-positions", "32", "--dry-run")  # fmt: skip
+    assert r.code == 0, r.err
+
+
+def test_prepared_data_of_another_tokenizer_is_one_clear_error(cli, tiny_model, corpus, tmp_path):
+    from conftest import make_tiny_model
+
+    out = tmp_path / "prepared"
+    assert cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out).code == 0
+    other = tmp_path / "other"
+    make_tiny_model(other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-5]  # another tokenizer: fewer merges
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    r = cli("finetune", other, "--data", out, "--dry-run")
+    assert r.code == 1 and "Traceback" not in r.err
+    [line] = r.err.strip().splitlines()
+    assert line == (
+        f"error: {out} holds tokens of another tokenizer than this run's ({other}); train with the one it was "
+        f"made with (--tokenizer {out / 'tokenizer'}), or prepare the data for this one: lmtune prepare "
+        f"{corpus / 'train.txt'} --tokenizer {other}"
+    )
+    # And the other mistakes around a prepared folder, each one line.
+    for args, message in [
+        (("finetune", tiny_model, "--data", out, "--validation-data", corpus / "valid.txt", "--dry-run"),
+         "holds tokens prepared with their validation split; pass --validation-data to lmtune prepare"),
+        (("prepare", corpus / "train.txt"), "pass --model M or --tokenizer T"),
+        (("prepare", corpus / "valid.txt", "--model", tiny_model, "--output", out), "pass --overwrite to replace it"),
+        (("prepare", corpus / "train.txt", "--model", tiny_model, "--output", corpus), "holds the data"),
+        (("prepare", corpus / "train.txt", "--model", tiny_model, "--output", tiny_model), "is not prepared data"),
+    ]:  # fmt: skip
+        r = cli(*args)
+        assert r.code == 1 and message in " ".join(r.err.split()) and "Traceback" not in r.err, r.err
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp"))
+
+
+def test_ctrl_c_while_preparing_leaves_nothing_and_the_next_run_starts_over(
+    cli, tiny_model, corpus, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(data, "GROUP_CHARS", 2000)  # several groups: stopped between two of them
+    real, calls = data.encode, []
+
+    def ctrl_c_on_the_third_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "encode", ctrl_c_on_the_third_group)
+    out = tmp_path / "prepared"
+    r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
+    assert r.code == 130 and "interrupted" in r.err, r.err
+    assert not out.exists() and not leftovers(tmp_path)
+    monkeypatch.setattr(data, "encode", real)
+    r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
+    assert r.code == 0 and "prepared" in r.out and not leftovers(tmp_path), r.err
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
+    cli, tiny_model, corpus, tmp_path, lmtune_home, monkeypatch
+):
+    monkeypatch.setattr(data, "GROUP_CHARS", 2000)
+    real, calls = data.Stream.add, []
+
+    def full_disk(self, split):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, split)
+
+    monkeypatch.setattr(data.Stream, "add", full_disk)
+    out = tmp_path / "prepared"
+    r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"could not write the tokens of {corpus / 'train.txt'} in {out}: No space left on device; nothing " \
+        "partial was left" in " ".join(r.err.split())  # fmt: skip
+    assert not out.exists() and not leftovers(tmp_path)
+    # The token cache of a run likewise: no entry, nothing half-written, and the next run prepares it whole.
+    calls.clear()
+    r = cli("finetune", tiny_model, "--data", corpus / "train.txt", "--block-size", "32", "--dry-run")
+    assert r.code == 1 and "No space left on device" in r.err
+    assert not list((lmtune_home / "tokens").iterdir())
+    monkeypatch.setattr(data.Stream, "add", real)
+    r = cli("finetune", tiny_model, "--data", corpus / "train.txt", "--block-size", "32", "--dry-run")
+    assert r.code == 0, r.err
+
+
+@pytest.mark.slow
+def test_a_preparation_killed_outright_is_started_over(tiny_model, tmp_path):
+    """kill -9 leaves its .tmp folder (nothing can clean up after it); the next run removes it and starts over."""
+    big = tmp_path / "big.txt"
+    r = random.Random(0)
+    paragraphs = [" ".join(sentences(r.randint(1, 4), i)) for i in range(2000)]
+    big.write_text("\n\n".join(r.choice(paragraphs) for _ in range(60_000)))
+    out = tmp_path / "prepared"
+    cmd = [sys.executable, "-m", "lmtune", "prepare", str(big), "--model", str(tiny_model), "--output", str(out)]
+    env = {**os.environ, "LMTUNE_HOME": str(tmp_path / "home")}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / ".prepared.tmp" / "train.npy"
+    deadline = time.monotonic() + 120
+    while not (partial.is_file() and partial.stat().st_size > data.HEADER) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.kill()
+    first.wait()
+    assert partial.is_file() and not out.exists()  # killed halfway: only the .tmp folder, never `out`
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert out.is_dir() and not leftovers(tmp_path)
+    tok = load_tokenizer(str(tiny_model))
+    corpus = data.load_corpus(Config(data=str(out)), tok, lambda e: None)
+    assert corpus.train.documents + corpus.validation.documents == 60_000
