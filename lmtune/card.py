@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lmtune import atomic, runs
-from lmtune.config import Config
+from lmtune.config import Config, build
 from lmtune.model import looks_local
 
 PATH_KEYS = ("model", "tokenizer", "data", "validation_data")  # config keys that may hold local paths
@@ -88,8 +90,11 @@ def plot_perplexities(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
-    """A model card in the Hugging Face format: metadata header, results, settings, how to load it."""
+def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[str, Any] | None = None) -> str:
+    """A model card in the Hugging Face format: metadata header, results, settings, how to load it.
+
+    `answers`: the scores of `lmtune eval --generate`, shown in the card and in the header's model-index.
+    """
     base = cfg.model if cfg.model and not looks_local(cfg.model) else None
     dataset = {"wikitext": "Salesforce/wikitext"}.get(cfg.data or "", cfg.data)
     header = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- lmtune"]
@@ -97,6 +102,8 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
         header.append(f"base_model: {base}")
     if dataset and not looks_local(dataset):
         header += ["datasets:", f"- {dataset.split(':')[0]}"]
+    if answers:
+        header += yaml.safe_dump({"model-index": model_index(run.name, answers)}, sort_keys=False).splitlines()
     header.append("---")
     start = f"fine-tuned from `{cfg.model}`" if cfg.model and not cfg.from_scratch else "trained from scratch"
     settings = {k: v for k, v in cfg.model_dump(exclude={"output"}).items() if v != Config.model_fields[k].default}
@@ -121,6 +128,7 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
         "",
         f"![training curves]({runs.CURVES})",
         "",
+        *(answers_section(answers, run) if answers else []),
         "## Settings",
         "",
         "Everything not listed is lmtune's default; `config.yaml` holds every key.",
@@ -147,3 +155,45 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any]) -> str:
     ])  # fmt: skip
     # The model, the data and the validation source are absolute paths by now: names only, in all three places.
     return hide_paths(card, local_names(cfg.model_dump()))
+
+
+def model_index(name: str, answers: dict[str, Any]) -> list[dict[str, Any]]:
+    """The answers' scores as the hub's model-index (its evaluation results), through huggingface_hub."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    results = [
+        EvalResult(
+            task_type="text-generation", task_name="Text Generation", dataset_type=answers["dataset"],
+            dataset_name=answers["dataset"], metric_type=key, metric_name=key, metric_value=round(value, 4),
+        )
+        for key, value in answers["metrics"].items()
+    ]  # fmt: skip
+    return eval_results_to_model_index(name, results)
+
+
+def answers_section(answers: dict[str, Any], run: Path) -> list[str]:
+    """The card's lines for the scores of `lmtune eval --generate`."""
+    rows = [f"| {key} | {value:.4f} |" for key, value in answers["metrics"].items()]
+    written = Path(answers["predictions"])
+    where = f"; the answers are in `{written.name}`" if written.parent.resolve() == run.resolve() else ""
+    return [
+        "## Answers",
+        "",
+        f"`lmtune eval --generate` answered the last user turn of {answers['conversations']:,} conversations of "
+        f"{answers['dataset']} ({answers['generation']}){where}.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *rows,
+        "",
+    ]
+
+
+def write_answers(run: Path, answers: dict[str, Any]) -> Path:
+    """The run's model card written again with the answers' scores in it."""
+    summary = json.loads((run / runs.SUMMARY).read_text())
+    path = run / runs.CARD
+    with atomic.written_beside(path) as tmp:
+        tmp.write_text(model_card(run, build(str(run / runs.CONFIG)), summary, answers))
+    return path

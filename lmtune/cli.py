@@ -64,6 +64,7 @@ def opt(key: str, *names: str, **kwargs: Any) -> Any:
 
 
 MODEL, LORA, DATA, TRAIN = "Model", "LoRA", "Data", "Training"
+ANSWERS = "Answers (--generate)"
 DTYPES = get_args(config.Config.model_fields["dtype"].annotation)  # float32, bfloat16, float16, auto
 
 
@@ -423,20 +424,114 @@ def eval_(
             help="Tokens the window moves each time; smaller scores each token with more history. Default: the block size.",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Windows per forward pass (with --generate: prompts answered at once).")
+    ] = 8,
     text_column: Annotated[str, typer.Option(help="Column that holds the text in tabular data.")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     chart: Annotated[
         Path | None, typer.Option(help="Also write a bar chart of the perplexities to this image (.png, .svg, .pdf).")
     ] = None,
+    generate_answers: Annotated[
+        bool,
+        typer.Option(
+            "--generate",
+            help="Instead of the perplexity: answer each conversation's last user turn and score the answers "
+            "(--metric). Chat runs, or any model with --chat.",
+            rich_help_panel=ANSWERS,
+        ),
+    ] = False,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Metric for the answers: exact_match, rouge_l or bleu (lmtune's own, offline), or any name or "
+            "script evaluate.load takes (a hub metric needs the network or its cache). Repeat for several. "
+            "Default: those three.",
+            show_default=False,
+            rich_help_panel=ANSWERS,
+        ),
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Answer in the model's chat template (lmtune's simple one if it has none) although it was not "
+            "trained on chat data.",
+            rich_help_panel=ANSWERS,
+        ),
+    ] = False,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Tokens per answer at most (it ends at EOS). Default: 128.", rich_help_panel=ANSWERS),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Sample at this temperature (default 0.8 when sampling); without it, greedy.",
+            rich_help_panel=ANSWERS,
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(min=0, help="Sample from the k likeliest tokens (default 50).", rich_help_panel=ANSWERS),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Sample from this much probability (default 0.95).", rich_help_panel=ANSWERS
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.", rich_help_panel=ANSWERS)] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the answers (predictions-NAME.jsonl). Default: a run's own folder (predictions.jsonl), "
+            "else the current folder.",
+            show_default=False,
+            rich_help_panel=ANSWERS,
+        ),
+    ] = None,
 ) -> None:
-    """Loss, perplexity and bits per byte of one or more models on the same data.
+    """Loss, perplexity and bits per byte of one or more models on the same data; with --generate, their answers
+    scored by metrics.
 
-    Example:  lmtune eval runs/my-run ./base-model --data test.txt --stride 512
+    Example:  lmtune eval runs/my-run ./base-model --data test.txt --stride 512  |  lmtune eval runs/chat --generate
     """
     from lmtune import runs
 
     targets = models or [str(runs.latest())]
+    sampling = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
+    if generate_answers:
+        perplexity_only = {"--block-size": block_size, "--stride": stride, "--chart": chart}
+        for flag, value in perplexity_only.items():
+            if value is not None:
+                raise LmtuneError(f"{flag} is for the perplexity and --generate scores answers; drop one of the two")
+        if predictions is not None:
+            check_folder("--predictions", predictions)
+        quiet_libraries()
+        from lmtune.answers import MAX_NEW_TOKENS, evaluate_answers
+        from lmtune.display import Display
+        from lmtune.generate import Sampling
+        from lmtune.metrics import SHIPPED
+
+        sampled = any(v is not None for v in (temperature, top_k, top_p))
+        s = Sampling(
+            max_new_tokens or MAX_NEW_TOKENS, (0.8 if temperature is None else temperature) if sampled else 0.0,
+            50 if top_k is None else top_k, 0.95 if top_p is None else top_p, 1, seed,
+        )  # fmt: skip
+        with Display(err_console) as display:
+            results = evaluate_answers(
+                targets, data, metric or list(SHIPPED), s, batch_size, chat=chat, text_column=text_column,
+                predictions_folder=predictions, report=display,
+            )  # fmt: skip
+        if results:  # the first process's; the others only answered their share
+            print_answers(results, as_json)
+        return
+    answer_flags = {"--metric": metric, "--chat": chat or None, "--max-new-tokens": max_new_tokens, **sampling}
+    given = [flag for flag, value in {**answer_flags, "--predictions": predictions}.items() if value is not None]
+    if given:
+        raise LmtuneError(f"{given[0]} is for answers, which --generate scores; add --generate")
     if chart:
         check_chart(chart)
     quiet_libraries()
@@ -486,6 +581,42 @@ def check_chart(chart: Path) -> None:
         ) from None
     if chart.exists() and not os.access(chart, os.W_OK):
         raise LmtuneError(f"--chart {chart}: the file is read-only; choose another name")
+
+
+def check_folder(flag: str, folder: Path) -> None:
+    """Fail before the work, not after it, when the folder `flag` names cannot take files."""
+    if not folder.is_dir():
+        raise LmtuneError(f"{flag} {folder}: no such folder; make it first or choose another")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lmtune-"):
+            pass
+    except OSError as err:
+        raise LmtuneError(f"{flag} {folder}: cannot write in it ({err.strerror}); choose another folder") from None
+
+
+def print_answers(results: list[dict[str, Any]], as_json: bool) -> None:
+    """eval --generate: each model's scores in one table (or JSON), and where its answers were written."""
+    if as_json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return
+    first = results[0]
+    console.print(
+        f"Answers to {first['conversations']:,} conversations of {escape(first['data'])} ({first['generation']}):",
+        soft_wrap=True,
+    )
+    table = Table()
+    keys = list(dict.fromkeys(key for r in results for key in r["metrics"]))
+    table.add_column("model")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for r in results:
+        table.add_row(escape(r["model"]), *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys))
+    console.print(table)
+    if first["skipped"]:
+        console.print(f"[dim]{first['skipped']:,} conversations skipped: no user turn with an answer after it[/]")
+    for r in results:
+        card = f"; scores added to its model card {escape(r['card'])}" if "card" in r else ""
+        console.print(f"[dim]{escape(r['model'])}: answers in {escape(r['predictions'])}{card}[/]", soft_wrap=True)
 
 
 @app.command()
