@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench bench-packing torture clean
+.PHONY: install test check format lint typecheck demo bench bench-packing bench-data torture clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ bench: install
 # chat data packed into rows against one conversation per row, padded; needs ../shared/data. About 4 minutes.
 bench-packing: install
 	$(PY) bench/packing.py
+
+# preparing 250 MB and 1 GB corpora (built from ../shared/data under bench/out/data), lmtune against datasets.map:
+# seconds, tokens/s, peak RSS. Not part of `make bench`: about 40 minutes on 2 cores and 10 GB of disk.
+bench-data: install
+	$(PY) bench/data.py
 
 # kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install

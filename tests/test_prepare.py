@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +320,20 @@ def test_a_preparation_killed_outright_is_started_over(tiny_model, tmp_path):
     tok = load_tokenizer(str(tiny_model))
     corpus = data.load_corpus(Config(data=str(out)), tok, lambda e: None)
     assert corpus.train.documents + corpus.validation.documents == 60_000
+
+
+@pytest.mark.slow
+def test_the_data_benchmark_parts_run(tiny_model, corpus, tmp_path):
+    """bench/data.py's two measurements, on the tiny model, so they cannot rot between `make bench-data` runs."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "data.py"
+    env = {**os.environ, "LMTUNE_HOME": str(tmp_path / "home")}
+
+    def run_json(*args):
+        done = subprocess.run([sys.executable, bench, *map(str, args)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    lmtune = run_json("prepare-one", corpus / "train.txt", tiny_model, tmp_path / "prepared", "--workers", 2)
+    assert lmtune["tokens"] > 0 and lmtune["peak_rss_mb"] > 0 and lmtune["worker_peak_rss_mb"] > 0
+    hf = run_json("datasets-map", corpus / "train.txt", tiny_model, "--workers", 2)
+    assert hf["tokens"] > 0 and hf["tokens"] % 128 == 0
