@@ -50,6 +50,7 @@ class View:
 
 def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
     """The first `n` training rows of `cfg.data` with `cfg.model`'s tokenizer, as `finetune` would make them."""
+    given = cfg.data  # as the user wrote it, for the output
     cfg = absolute_paths(cfg)  # the same token cache entry as the run's: this run prepares it
     tokenizer = get_tokenizer(cfg, report)
     corpus = data.load_corpus(cfg, tokenizer, report)
@@ -61,7 +62,7 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
     rows = batches.training_rows(corpus, block_size, packing)
     name = Path(str(tokenizer.name_or_path)).name or type(tokenizer).__name__
     about = [
-        f"{cfg.data}: {corpus.format} data; tokenizer of {name} ({len(tokenizer):,} tokens, EOS {tokenizer.eos_token})"
+        f"{given}: {corpus.format} data; tokenizer of {name} ({len(tokenizer):,} tokens, EOS {tokenizer.eos_token})"
     ]
     if chat:
         template = "lmtune's simple one" if tokenizer.chat_template == data.SIMPLE_TEMPLATE else "the tokenizer's own"
