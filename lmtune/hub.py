@@ -15,8 +15,9 @@ from lmtune.errors import LmtuneError, first_line
 
 log = logging.getLogger("lmtune")
 
-# Not uploaded: resumable checkpoints (optimizer state, several times the model) and temporary files.
-IGNORE = ["checkpoints/*", ".*", "*.tmp"]
+# Not uploaded: resumable checkpoints (optimizer state, several times the model), temporary files, and
+# eval --generate's answers (they quote the validation data, which may be private).
+IGNORE = ["checkpoints/*", ".*", "*.tmp", "predictions*.jsonl"]
 # Files that may name local paths (config.yaml, summary.json, the card, a LoRA run's adapter_config.json).
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".md", ".txt")
 

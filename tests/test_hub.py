@@ -121,10 +121,12 @@ def test_what_is_published_names_no_local_path(cli, quick, tiny_model, corpus, t
                 *(["--lora"] if lora else []))  # fmt: skip
     local = str(tmp_path_factory.getbasetemp())  # where the model, the data and the run folder lie
     assert local in (out / "config.yaml").read_text()  # the run folder keeps its absolute paths
+    (out / "predictions.jsonl").write_text('{"prompt": "a private question"}\n')  # what eval --generate writes
     with caplog.at_level(logging.INFO, logger="lmtune"):
         r = cli("push", out, "me/model")
     assert r.code == 0, r.err
     files = online[-1][1]["files"]
+    assert "predictions.jsonl" not in files  # it quotes the validation data
     for name, content in files.items():
         assert local.encode() not in content, name
     published = yaml.safe_load(files["config.yaml"])
