@@ -102,6 +102,7 @@ def finetune(
     validation_percent: Annotated[float | None, opt("validation_percent", rich_help_panel=DATA)] = None,
     txt_documents: Annotated[str | None, opt("txt_documents", rich_help_panel=DATA)] = None,
     block_size: Annotated[int | None, opt("block_size", rich_help_panel=DATA)] = None,
+    streaming: Annotated[bool | None, opt("streaming", rich_help_panel=DATA)] = None,
     packing: Annotated[bool | None, opt("packing", rich_help_panel=DATA)] = None,
     epochs: Annotated[int | None, opt("epochs", rich_help_panel=TRAIN)] = None,
     max_steps: Annotated[int | None, opt("max_steps", rich_help_panel=TRAIN)] = None,

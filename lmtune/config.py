@@ -78,6 +78,8 @@ class Config(BaseModel):
     """How a .txt file splits into documents: at blank lines, at every line, or one per file."""
     block_size: int | None = Field(None, gt=1)
     """Tokens per training sequence. Default: the model's context, at most 1024."""
+    streaming: bool = False
+    """Read the data as a stream and tokenize it as training takes it (hub datasets too large to download); needs --max-steps."""
     packing: bool = True
     """Chat data: pack several conversations into each row, attention kept within each (off, or a model that cannot: one per row, padded)."""
 
@@ -150,8 +152,8 @@ FIELDS = list(Config.model_fields)
 RESUME_MUST_MATCH = (
     "model", "from_scratch", "tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "dtype",
     "dropout", "data", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents",
-    "block_size", "packing", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank", "lora_alpha",
-    "lora_dropout", "lora_targets",
+    "block_size", "streaming", "packing", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank",
+    "lora_alpha", "lora_dropout", "lora_targets",
 )  # fmt: skip
 RESUME_MAY_CHANGE = (
     "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",

@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lmtune import batches, data, hub, lora, loss, runs
+from lmtune import batches, data, hub, lora, loss, runs, stream
 from lmtune.config import Config, absolute_paths
 from lmtune.errors import LmtuneError
 from lmtune.events import Report, silent
@@ -79,7 +79,10 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     # Tokenize on the main process first; the others then read its cache.
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(str(resume_from)) if resume_from else get_tokenizer(cfg, say)
-        corpus = data.load_corpus(cfg, tokenizer, say)
+        # A stream is read as training goes: only its validation documents are tokenized now.
+        corpus = (
+            stream.validation_corpus(cfg, tokenizer, say) if cfg.streaming else data.load_corpus(cfg, tokenizer, say)
+        )
     cfg = cfg.model_copy(update={"data_format": corpus.format})  # what auto found, saved in config.yaml
     say({"event": "phase", "phase": "loading model"})
     if resume_from and not cfg.lora:
@@ -92,11 +95,16 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     block_size = resolve_block_size(cfg.block_size, model)
     packing = cfg.packing and corpus.format == "chat" and packing_works(model, accelerator.is_main_process)
     cfg = cfg.model_copy(update={"packing": packing})  # what was done, saved in config.yaml
-    rows = batches.training_rows(corpus, block_size, packing)
+    if cfg.streaming:  # the blocks the run takes, in the stream's order
+        wanted = (cfg.max_steps or 0) * cfg.gradient_accumulation_steps * cfg.batch_size
+        blocks = stream.training_blocks(cfg, tokenizer, block_size, wanted)
+        rows = batches.Rows(blocks, 0)  # type: ignore[arg-type]  # Rows names the two map-style datasets; a stream is a third
+    else:
+        rows = batches.training_rows(corpus, block_size, packing)
     if len(corpus.validation.ids) < 2:
         raise LmtuneError("the validation data is shorter than 2 tokens; pass more --validation-data")
     collate = partial(batches.pad_batch, pad_id=tokenizer.pad_token_id)
-    loader = DataLoader(rows.dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+    loader = DataLoader(rows.dataset, batch_size=cfg.batch_size, shuffle=not cfg.streaming, collate_fn=collate)
     # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     # The chunked loss reads the output weights outside the model's forward, which sharded models
