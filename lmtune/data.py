@@ -864,7 +864,7 @@ def tokenize_split(
                     tokens += len(split.ids)
         rate = tokens / max(time.perf_counter() - start, 1e-9)
         report({
-            "event": "phase", "phase": f"tokenizing {what} ({source.unit})", "done": done // scale,
+            "event": "phase", "phase": f"tokenizing {what}, {source.unit}", "done": done // scale,
             "total": source.total // scale, "info": f"{rate / 1e6:.2f}M tokens/s",
         })  # fmt: skip
     return tally
@@ -1023,9 +1023,10 @@ def write_folder(
             write_streams(cfg, tokenizer, report, tmp, workers, key)
             if extra:
                 extra(tmp)
-    except OSError as err:
+    except OSError as err:  # a full disk, mostly; or a file that cannot be read or written, named
+        where = f" ({err.filename})" if err.filename else ""
         raise LmtuneError(
-            f"could not write the tokens of {cfg.data} in {folder}: {err.strerror or first_line(err)}; nothing "
+            f"could not write the tokens of {cfg.data} in {folder}: {err.strerror or first_line(err)}{where}; nothing "
             "partial was left (free some space, or write elsewhere: LMTUNE_HOME, or lmtune prepare --output)"
         ) from None
 
