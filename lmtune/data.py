@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -502,9 +503,10 @@ def token_ids(texts: list[str], tokenizer: Any = None) -> list[np.ndarray]:
 
 
 def default_workers() -> int:
-    """Tokenizing processes: one per core this process may use (LMTUNE_TOKENIZE_WORKERS overrides), 1 where
-    processes cannot fork."""
-    if "fork" not in multiprocessing.get_all_start_methods():
+    """Tokenizing processes: one per core this process may use (LMTUNE_TOKENIZE_WORKERS overrides); on Linux
+    only, where forking a process that runs threads (torch's, the tokenizer's) is safe for a child that only
+    tokenizes (macOS's system libraries may abort such a child; Windows cannot fork)."""
+    if sys.platform != "linux":
         return 1
     if os.environ.get("LMTUNE_TOKENIZE_WORKERS"):
         return max(1, int(os.environ["LMTUNE_TOKENIZE_WORKERS"]))
