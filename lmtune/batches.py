@@ -166,3 +166,29 @@ def training_rows(corpus: Corpus, block_size: int, packing: bool = False) -> Row
             "pass a smaller --block-size or more data"
         )
     return Rows(Blocks(blocks), dropped)
+
+
+def optimizer_steps(batches: Any, accumulation: int) -> Any:
+    """The micro-batches of each optimizer step, in lists: `accumulation` of them, fewer at an epoch's end."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accumulation:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def split_rows(group: list[Any], pieces: int) -> list[Any]:
+    """Each micro-batch of `group` cut into `pieces` micro-batches of fewer rows (the same tokens)."""
+    if pieces == 1:
+        return group
+    out = []
+    for inputs, labels, positions, real_tokens in group:
+        parts = zip(
+            inputs.tensor_split(pieces), labels.tensor_split(pieces),
+            positions.tensor_split(pieces) if positions is not None else [None] * pieces, strict=True,
+        )  # fmt: skip
+        out += [(i, lab, pos, real_tokens) for i, lab, pos in parts if len(i)]
+    return out

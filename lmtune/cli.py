@@ -401,6 +401,67 @@ def json_kind(value: Any) -> str:
     return kinds.get(type(value), "a number")
 
 
+# eval --generate's options, declared once here so that eval's signature stays readable.
+GenerateAnswers = Annotated[
+    bool,
+    typer.Option(
+        "--generate",
+        help="Instead of the perplexity: answer each conversation's last user turn and score the answers "
+        "(--metric). Chat runs, or any model with --chat.",
+        rich_help_panel=ANSWERS,
+    ),
+]
+Metric = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Metric for the answers: exact_match, rouge_l or bleu (lmtune's own, offline), or any name or "
+        "script evaluate.load takes (a hub metric needs the network or its cache). Repeat for several. "
+        "Default: those three.",
+        show_default=False,
+        rich_help_panel=ANSWERS,
+    ),
+]
+ChatAnswers = Annotated[
+    bool,
+    typer.Option(
+        "--chat",
+        help="Answer in the model's chat template (lmtune's simple one if it has none) although it was not "
+        "trained on chat data.",
+        rich_help_panel=ANSWERS,
+    ),
+]
+AnswerTokens = Annotated[
+    int | None,
+    typer.Option(min=1, help="Tokens per answer at most (it ends at EOS). Default: 128.", rich_help_panel=ANSWERS),
+]
+AnswerTemperature = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Sample at this temperature (default 0.8 when sampling); without it, greedy.",
+        rich_help_panel=ANSWERS,
+    ),
+]
+AnswerTopK = Annotated[
+    int | None,
+    typer.Option(min=0, help="Sample from the k likeliest tokens (default 50).", rich_help_panel=ANSWERS),
+]
+AnswerTopP = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Sample from this much probability (default 0.95).", rich_help_panel=ANSWERS),
+]
+AnswerSeed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.", rich_help_panel=ANSWERS)]
+PredictionsFolder = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder for the answers (predictions-NAME.jsonl). Default: a run's own folder (predictions.jsonl), "
+        "else the current folder.",
+        show_default=False,
+        rich_help_panel=ANSWERS,
+    ),
+]
+
+
 @app.command("eval")
 def eval_(
     models: Annotated[
@@ -433,66 +494,15 @@ def eval_(
     chart: Annotated[
         Path | None, typer.Option(help="Also write a bar chart of the perplexities to this image (.png, .svg, .pdf).")
     ] = None,
-    generate_answers: Annotated[
-        bool,
-        typer.Option(
-            "--generate",
-            help="Instead of the perplexity: answer each conversation's last user turn and score the answers "
-            "(--metric). Chat runs, or any model with --chat.",
-            rich_help_panel=ANSWERS,
-        ),
-    ] = False,
-    metric: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Metric for the answers: exact_match, rouge_l or bleu (lmtune's own, offline), or any name or "
-            "script evaluate.load takes (a hub metric needs the network or its cache). Repeat for several. "
-            "Default: those three.",
-            show_default=False,
-            rich_help_panel=ANSWERS,
-        ),
-    ] = None,
-    chat: Annotated[
-        bool,
-        typer.Option(
-            "--chat",
-            help="Answer in the model's chat template (lmtune's simple one if it has none) although it was not "
-            "trained on chat data.",
-            rich_help_panel=ANSWERS,
-        ),
-    ] = False,
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option(min=1, help="Tokens per answer at most (it ends at EOS). Default: 128.", rich_help_panel=ANSWERS),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            help="Sample at this temperature (default 0.8 when sampling); without it, greedy.",
-            rich_help_panel=ANSWERS,
-        ),
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option(min=0, help="Sample from the k likeliest tokens (default 50).", rich_help_panel=ANSWERS),
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0, max=1.0, help="Sample from this much probability (default 0.95).", rich_help_panel=ANSWERS
-        ),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.", rich_help_panel=ANSWERS)] = None,
-    predictions: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder for the answers (predictions-NAME.jsonl). Default: a run's own folder (predictions.jsonl), "
-            "else the current folder.",
-            show_default=False,
-            rich_help_panel=ANSWERS,
-        ),
-    ] = None,
+    generate_answers: GenerateAnswers = False,
+    metric: Metric = None,
+    chat: ChatAnswers = False,
+    max_new_tokens: AnswerTokens = None,
+    temperature: AnswerTemperature = None,
+    top_k: AnswerTopK = None,
+    top_p: AnswerTopP = None,
+    seed: AnswerSeed = None,
+    predictions: PredictionsFolder = None,
 ) -> None:
     """Loss, perplexity and bits per byte of one or more models on the same data; with --generate, their answers
     scored by metrics.
@@ -508,31 +518,49 @@ def eval_(
         for flag, value in perplexity_only.items():
             if value is not None:
                 raise LmtuneError(f"{flag} is for the perplexity and --generate scores answers; drop one of the two")
-        if predictions is not None:
-            check_folder("--predictions", predictions)
-        quiet_libraries()
-        from lmtune.answers import MAX_NEW_TOKENS, evaluate_answers
-        from lmtune.display import Display
-        from lmtune.generate import Sampling
-        from lmtune.metrics import SHIPPED
-
-        sampled = any(v is not None for v in (temperature, top_k, top_p))
-        s = Sampling(
-            max_new_tokens or MAX_NEW_TOKENS, (0.8 if temperature is None else temperature) if sampled else 0.0,
-            50 if top_k is None else top_k, 0.95 if top_p is None else top_p, 1, seed,
-        )  # fmt: skip
-        with Display(err_console) as display:
-            results = evaluate_answers(
-                targets, data, metric or list(SHIPPED), s, batch_size, chat=chat, text_column=text_column,
-                predictions_folder=predictions, report=display,
-            )  # fmt: skip
-        if results:  # the first process's; the others only answered their share
-            print_answers(results, as_json)
+        answer(targets, data, metric, chat, max_new_tokens, temperature, top_k, top_p, seed, predictions,
+               batch_size, text_column, as_json)  # fmt: skip
         return
     answer_flags = {"--metric": metric, "--chat": chat or None, "--max-new-tokens": max_new_tokens, **sampling}
     given = [flag for flag, value in {**answer_flags, "--predictions": predictions}.items() if value is not None]
     if given:
         raise LmtuneError(f"{given[0]} is for answers, which --generate scores; add --generate")
+    score_models(targets, data, block_size, stride, batch_size, text_column, as_json, chart)
+
+
+def answer(
+    targets: list[str], data: str | None, metric: list[str] | None, chat: bool, max_new_tokens: int | None,
+    temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None, predictions: Path | None,
+    batch_size: int, text_column: str, as_json: bool,
+) -> None:  # fmt: skip
+    """eval --generate: each model's answers to the validation conversations, scored by the metrics."""
+    if predictions is not None:
+        check_folder("--predictions", predictions)
+    quiet_libraries()
+    from lmtune.answers import MAX_NEW_TOKENS, evaluate_answers
+    from lmtune.display import Display
+    from lmtune.generate import Sampling
+    from lmtune.metrics import SHIPPED
+
+    sampled = any(v is not None for v in (temperature, top_k, top_p))
+    s = Sampling(
+        max_new_tokens or MAX_NEW_TOKENS, (0.8 if temperature is None else temperature) if sampled else 0.0,
+        50 if top_k is None else top_k, 0.95 if top_p is None else top_p, 1, seed,
+    )  # fmt: skip
+    with Display(err_console) as display:
+        results = evaluate_answers(
+            targets, data, metric or list(SHIPPED), s, batch_size, chat=chat, text_column=text_column,
+            predictions_folder=predictions, report=display,
+        )  # fmt: skip
+    if results:  # the first process's; the others only answered their share
+        print_answers(results, as_json)
+
+
+def score_models(
+    targets: list[str], data: str | None, block_size: int | None, stride: int | None, batch_size: int,
+    text_column: str, as_json: bool, chart: Path | None,
+) -> None:  # fmt: skip
+    """eval: loss, perplexity and bits per byte of each model, as a table or JSON, and the chart."""
     if chart:
         check_chart(chart)
     quiet_libraries()
@@ -548,13 +576,8 @@ def eval_(
         for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in results:
-            table.add_row(
-                r["model"],
-                f"{r['tokens']:,}",
-                f"{r['loss']:.4f}",
-                f"{r['perplexity']:.2f}",
-                f"{r['bits_per_byte']:.4f}",
-            )
+            row = (f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")
+            table.add_row(r["model"], *row)
         console.print(table)
         for r in results:
             console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")

@@ -118,3 +118,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     for i in range(0, len(hidden), CHUNK):
         total += _chunk(hidden[i : i + CHUNK], weight, targets[i : i + CHUNK])[0]
     return total
+
+
+def next_token_loss(
+    model: Any,
+    head: Any,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    chunked: bool,
+    accelerator: Any,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the label tokens of a batch (B, T), and how many there are (on device, no
+    sync). Position t predicts labels[t + 1]; IGNORE labels (chat prompts, padding) are not counted."""
+    targets = labels[:, 1:].flatten()
+    with accelerator.autocast():
+        total = next_token_nll(model, head, inputs, targets, chunked, positions)
+    return total, label_count(labels)
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens of a (B, T) batch are predicted and scored (on device)."""
+    return (labels[:, 1:] != IGNORE).sum()

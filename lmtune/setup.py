@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -240,3 +242,31 @@ def check_tracker(name: str) -> None:
     available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     if not available[name]:
         raise LmtuneError(f"--report-to {name} needs the {name} package: pip install 'lmtune[{name}]'")
+
+
+def timed_passes(run: Run) -> dict[str, Any]:
+    """Time a few forward/backward passes (weights untouched: no optimizer step), scale them to the run, and
+    measure the memory they took: on a GPU the peak PyTorch allocated, else the process's peak RSS."""
+    if run.accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.accelerator.device)
+    inputs, labels, positions, _ = next(iter(run.loader))
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        nll, count = loss.next_token_loss(run.model, run.head, inputs, labels, run.chunked, run.accelerator, positions)
+        run.accelerator.backward(nll / count)
+        timings.append(time.perf_counter() - start)
+    run.model.zero_grad(set_to_none=True)
+    # The first pass warms caches and allocators, so it is left out.
+    seconds = min(timings[1:]) * run.cfg.gradient_accumulation_steps * run.total_steps
+    return {"estimated_seconds": seconds, **peak_memory(run.accelerator.device)}
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak memory: on a GPU what PyTorch allocated there, else the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device)}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}  # bytes on macOS, KiB on Linux

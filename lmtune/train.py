@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,12 +22,12 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from lmtune import card, checkpoint, hub, loss, runs
+from lmtune import batches, card, checkpoint, hub, loss, runs
 from lmtune.config import Config
 from lmtune.errors import LmtuneError
 from lmtune.evaluate import Score, score
 from lmtune.events import Report, log_report
-from lmtune.setup import Run, check_inputs, prepare
+from lmtune.setup import Run, check_inputs, peak_memory, prepare, timed_passes
 from lmtune.stop import StopSignals, final_save_failed, non_finite
 
 log = logging.getLogger("lmtune")
@@ -164,14 +163,14 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
         # Resuming mid-epoch: the same order, `skip` batches in; skipped batches are never loaded.
         epoch_batches = acc.skip_first_batches(run.loader, skip) if skip else run.loader
         p.batch_in_epoch, skip = skip, 0
-        for group in optimizer_steps(epoch_batches, cfg.gradient_accumulation_steps):  # its micro-batches
+        for group in batches.optimizer_steps(epoch_batches, cfg.gradient_accumulation_steps):  # its micro-batches
             if p.rng is not None:
                 checkpoint.set_rng_state(p.rng)
                 p.rng = None
             # forward and backward; out of GPU memory, the same step again in micro-batches of half the rows
             while True:
                 try:
-                    nll, n_labels, finite = forward_backward(run, split_rows(group, pieces))
+                    nll, n_labels, finite = forward_backward(run, batches.split_rows(group, pieces))
                     break
                 except torch.OutOfMemoryError:
                     pieces = fewer_rows(run, group, pieces, p.step + 1)
@@ -229,23 +228,6 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
 # --- the named steps -------------------------------------------------------------------------------
 
 
-def next_token_loss(
-    model: Any,
-    head: Any,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    chunked: bool,
-    accelerator: Any,
-    positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over the label tokens of a batch (B, T), and how many there are (on device, no
-    sync). Position t predicts labels[t + 1]; IGNORE labels (chat prompts, padding) are not counted."""
-    targets = labels[:, 1:].flatten()
-    with accelerator.autocast():
-        total = loss.next_token_nll(model, head, inputs, targets, chunked, positions)
-    return total, label_count(labels)
-
-
 def forward_backward(run: Run, group: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one optimizer step from its micro-batches; returns their summed NLL, label tokens, and
     whether every loss was finite (all on device).
@@ -255,31 +237,17 @@ def forward_backward(run: Run, group: list[Any]) -> tuple[torch.Tensor, torch.Te
     locally and are averaged across processes on the last micro-batch.
     """
     acc = run.accelerator
-    step_tokens = acc.reduce(sum(label_count(labels) for _, labels, _, _ in group), "sum").clamp(min=1)
+    step_tokens = acc.reduce(sum(loss.label_count(labels) for _, labels, _, _ in group), "sum").clamp(min=1)
     total, tokens = torch.zeros((), device=acc.device), torch.zeros((), dtype=torch.long, device=acc.device)
     finite = torch.ones((), dtype=torch.bool, device=acc.device)
     for i, (inputs, labels, positions, _) in enumerate(group):  # (B, T) each, positions or None
         with acc.no_sync(run.model) if i < len(group) - 1 else contextlib.nullcontext():
-            nll, n_labels = next_token_loss(run.model, run.head, inputs, labels, run.chunked, acc, positions)
+            nll, n_labels = loss.next_token_loss(run.model, run.head, inputs, labels, run.chunked, acc, positions)
             acc.backward(nll / step_tokens * acc.num_processes)  # x processes: their average is the sum
         finite &= torch.isfinite(nll.detach())
         total += nll.detach()
         tokens += n_labels
     return total, tokens, finite
-
-
-def split_rows(group: list[Any], pieces: int) -> list[Any]:
-    """Each micro-batch of `group` cut into `pieces` micro-batches of fewer rows (the same tokens)."""
-    if pieces == 1:
-        return group
-    out = []
-    for inputs, labels, positions, real_tokens in group:
-        parts = zip(
-            inputs.tensor_split(pieces), labels.tensor_split(pieces),
-            positions.tensor_split(pieces) if positions is not None else [None] * pieces, strict=True,
-        )  # fmt: skip
-        out += [(i, lab, pos, real_tokens) for i, lab, pos in parts if len(i)]
-    return out
 
 
 def fewer_rows(run: Run, group: list[Any], pieces: int, step: int) -> int:
@@ -300,23 +268,6 @@ def fewer_rows(run: Run, group: list[Any], pieces: int, step: int) -> int:
         "(the same tokens per step)", step, math.ceil(rows / 2), rows,
     )  # fmt: skip
     return pieces * 2
-
-
-def label_count(labels: torch.Tensor) -> torch.Tensor:
-    """How many tokens of a (B, T) batch are predicted and scored (on device)."""
-    return (labels[:, 1:] != loss.IGNORE).sum()
-
-
-def optimizer_steps(batches: Any, accumulation: int) -> Any:
-    """The micro-batches of each optimizer step, in lists: `accumulation` of them, fewer at an epoch's end."""
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == accumulation:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def record(run: Run, event: dict[str, Any]) -> None:
@@ -443,31 +394,3 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
 
 
 # --- the pieces they use -----------------------------------------------------------------------------
-
-
-def peak_memory(device: torch.device) -> dict[str, int]:
-    """This process's peak memory: on a GPU what PyTorch allocated there, else the process's peak RSS."""
-    if device.type == "cuda":
-        return {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device)}
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}  # bytes on macOS, KiB on Linux
-
-
-def timed_passes(run: Run) -> dict[str, Any]:
-    """Time a few forward/backward passes (weights untouched: no optimizer step), scale them to the run, and
-    measure the memory they took: on a GPU the peak PyTorch allocated, else the process's peak RSS."""
-    if run.accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.accelerator.device)
-    inputs, labels, positions, _ = next(iter(run.loader))
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        nll, count = next_token_loss(run.model, run.head, inputs, labels, run.chunked, run.accelerator, positions)
-        run.accelerator.backward(nll / count)
-        timings.append(time.perf_counter() - start)
-    run.model.zero_grad(set_to_none=True)
-    # The first pass warms caches and allocators, so it is left out.
-    seconds = min(timings[1:]) * run.cfg.gradient_accumulation_steps * run.total_steps
-    return {"estimated_seconds": seconds, **peak_memory(run.accelerator.device)}

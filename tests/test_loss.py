@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from lmtune import loss
 from lmtune.config import Config
+from lmtune.loss import next_token_loss
 from lmtune.model import load_model, load_pretrained, load_tokenizer
-from lmtune.train import next_token_loss
 
 
 class NoAccelerator:
