@@ -320,4 +320,15 @@ def evaluate_answers(
         if run:  # the model card shows the figures, and the hub reads them from its model-index
             result["card"] = str(card.write_answers(run, result))
         results.append(result)
+    leave_together()
     return results
+
+
+def leave_together() -> None:
+    """Several processes wait for the first (it writes) and free their process group themselves. Left to
+    the interpreter's exit, rank 1 once aborted in CI ("terminate called without an active exception":
+    gloo's threads torn down while still joinable)."""
+    state = process_state()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()

@@ -181,3 +181,14 @@ def finetuned(cli, tiny_model, corpus, tmp_path) -> Path:
 
 def read_json(path: Path):
     return json.loads(path.read_text())
+
+
+def two_cpu_processes(args, home, port: int):
+    """`accelerate launch --num_processes 2 --cpu -m lmtune ARGS`, as a user starts two CPU processes."""
+    import subprocess
+    import sys
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "lmtune", *map(str, args)]
+    env = {**os.environ, "LMTUNE_HOME": str(home), "MASTER_PORT": str(port)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

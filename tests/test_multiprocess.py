@@ -1,14 +1,8 @@
 """`accelerate launch --num_processes 2 --cpu -m lmtune finetune ...`: two real processes, one result."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import read_json
+from conftest import read_json, two_cpu_processes
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ARGS = ["--block-size", "32", "--batch-size", "4", "--max-steps", "4", "--mixed-precision", "no", "--lr", "1e-3"]
 
 
@@ -19,23 +13,8 @@ def test_two_cpu_processes_train_one_model_and_gather_metrics(cli, tiny_model, c
     assert cli("finetune", tiny_model, *data, *ARGS, "--output", single).code == 0
 
     double = tmp_path / "double"
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "-m",
-        "lmtune",
-        "finetune",
-        str(tiny_model),
-        *data,
-        *ARGS,
-        "--output",
-        str(double),
-    ]
-    env = {**os.environ, "LMTUNE_HOME": str(lmtune_home), "MASTER_PORT": "29517"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["finetune", tiny_model, *data, *ARGS, "--output", double]
+    proc = two_cpu_processes(args, lmtune_home, port=29517)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one, two = read_json(single / "summary.json"), read_json(double / "summary.json")

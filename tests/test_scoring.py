@@ -2,17 +2,14 @@
 lmtune's own exact match, ROUGE-L and BLEU (offline), checked by hand; real runs of the tiny model."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import two_cpu_processes
 
 from lmtune import answers
 from lmtune.metrics import FOLDER, SHIPPED
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # Answers of four words or more, so that BLEU has 4-grams to count.
 PAIRS = {
     "the sky": "the sun is warm in the morning",
@@ -188,21 +185,7 @@ def test_eval_generate_scores_a_learnt_set_fully_and_the_base_model_lower(
 
     # Two processes (accelerate launch) answer two conversations each; the first scores all four and writes.
     (run / "predictions.jsonl").unlink()
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "-m",
-        "lmtune",
-        "eval",
-        str(run),
-        "--generate",
-        "--json",
-    ]
-    env = {**os.environ, "LMTUNE_HOME": str(lmtune_home), "MASTER_PORT": "29531"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = two_cpu_processes(["eval", run, "--generate", "--json"], lmtune_home, port=29533)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["metrics"] == result["metrics"]  # printed once, by the first process
     assert [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()] == lines

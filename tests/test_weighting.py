@@ -6,18 +6,13 @@ processes would train a different model.
 """
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS
+from conftest import WORDS, two_cpu_processes
 from safetensors.torch import load_file
-
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +59,7 @@ def test_two_processes_train_the_same_model_as_one(cli, tiny_model, uneven_chat,
     single = tmp_path / "single"
     assert cli(*args(tiny_model, uneven_chat, single, 4, 1)).code == 0
     double = tmp_path / "double"
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "-m",
-        "lmtune",
-        *args(tiny_model, uneven_chat, double, 2, 1),
-    ]
-    env = {**os.environ, "LMTUNE_HOME": str(lmtune_home), "MASTER_PORT": "29531"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = two_cpu_processes(args(tiny_model, uneven_chat, double, 2, 1), lmtune_home, port=29531)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert largest_difference(single, double) < 1e-6
 
