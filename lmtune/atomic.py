@@ -7,9 +7,20 @@ complete new one, never a file cut short by a full disk, a crash or a second Ctr
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (the OS's words), or None when one can. The one sure test is
+    a file made and removed there: permissions, read-only disks and root's exemptions all answer it."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lmtune-"):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
 
 
 def remove(path: Path) -> None:

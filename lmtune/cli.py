@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, get_args
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmtune import config
+from lmtune import atomic, config
 from lmtune.cpu_launch import cpu_processes_requested, launch_cpu_processes
 from lmtune.errors import LmtuneError
 
@@ -596,13 +595,8 @@ def check_chart(chart: Path) -> None:
         raise LmtuneError(f"--chart {chart}: folder {chart.parent} does not exist")
     if chart.is_dir():
         raise LmtuneError(f"--chart {chart} is a folder; name an image file, e.g. {chart / 'perplexity.png'}")
-    try:  # the one sure test: a file made and removed there (permissions, read-only disks, root)
-        with tempfile.NamedTemporaryFile(dir=chart.parent, prefix=".lmtune-", suffix=chart.suffix):
-            pass
-    except OSError as err:
-        raise LmtuneError(
-            f"--chart {chart}: cannot write in {chart.parent} ({err.strerror}); choose another folder"
-        ) from None
+    if reason := atomic.cannot_write_in(chart.parent):
+        raise LmtuneError(f"--chart {chart}: cannot write in {chart.parent} ({reason}); choose another folder")
     if chart.exists() and not os.access(chart, os.W_OK):
         raise LmtuneError(f"--chart {chart}: the file is read-only; choose another name")
 
@@ -611,11 +605,8 @@ def check_folder(flag: str, folder: Path) -> None:
     """Fail before the work, not after it, when the folder `flag` names cannot take files."""
     if not folder.is_dir():
         raise LmtuneError(f"{flag} {folder}: no such folder; make it first or choose another")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lmtune-"):
-            pass
-    except OSError as err:
-        raise LmtuneError(f"{flag} {folder}: cannot write in it ({err.strerror}); choose another folder") from None
+    if reason := atomic.cannot_write_in(folder):
+        raise LmtuneError(f"{flag} {folder}: cannot write in it ({reason}); choose another folder")
 
 
 def print_answers(results: list[dict[str, Any]], as_json: bool) -> None:

@@ -39,13 +39,12 @@ def check_home() -> Path:
         raise LmtuneError(f"{where} is a file; point LMTUNE_HOME at a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
     except OSError as err:
         raise LmtuneError(
             f"{where} is not writable ({err.strerror or err}); point LMTUNE_HOME at a writable folder"
         ) from None
+    if reason := atomic.cannot_write_in(path):
+        raise LmtuneError(f"{where} is not writable ({reason}); point LMTUNE_HOME at a writable folder")
     return path
 
 

@@ -192,3 +192,51 @@ def two_cpu_processes(args, home, port: int):
     cmd = [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "lmtune", *map(str, args)]
     env = {**os.environ, "LMTUNE_HOME": str(home), "MASTER_PORT": str(port)}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def kill_self_on_call(monkeypatch, module, name, call, times=1):
+    """Replace module.name by a wrapper that sends this process SIGINT (Ctrl-C) on its `call`-th call."""
+    import signal
+
+    real, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def learnt_chat_run(cli, model, folder: Path, pairs: dict[str, str]) -> tuple[Path, Path]:
+    """A chat run of `model` that learns `pairs` (prompt: answer) by heart, through the shipped chat recipe
+    with short settings in place of GPT-2's; returns the run folder and its validation file."""
+    rows = [{"prompt": k, "response": v} for k, v in pairs.items()] * 30
+    train = write_jsonl(folder / "train.jsonl", rows)
+    valid = write_jsonl(folder / "valid.jsonl", rows[: len(pairs)])
+    out = folder / "chat-run"
+    r = cli(
+        "finetune", model, "--recipe", "gpt2-chat-lora", "--data", train, "--validation-data", valid,
+        "--output", out, "--no-lora", "--block-size", "64", "--batch-size", "16", "--max-steps", "200",
+        "--lr", "5e-3", "--mixed-precision", "no", "--dropout", "0",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    return out, valid
+
+
+def run_summary(**changes):
+    """A finished run's summary.json figures, for model-card tests."""
+    summary = {
+        "steps": 10, "train_tokens": 1000, "parameters": 124_000_000, "validation": "the validation split",
+        "eval_tokens": 500, "block_size": 1024, "base_eval_loss": 3.3, "base_eval_perplexity": 27.1,
+        "base_eval_bits_per_byte": 1.2, "eval_loss": 3.0, "eval_perplexity": 20.1, "eval_bits_per_byte": 1.1,
+        "mixed_precision": "bf16", "processes": 1, "tokens_per_second": 5000.0, "train_seconds": 0.2,
+    }  # fmt: skip
+    return {**summary, **changes}

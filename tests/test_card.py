@@ -2,6 +2,8 @@
 
 import json
 
+from conftest import run_summary
+
 from lmtune.card import model_card
 from lmtune.config import Config
 
@@ -19,12 +21,7 @@ def test_run_folder_has_a_model_card_and_curves(finetuned):
 
 
 def test_model_card_names_hub_base_model_and_dataset(tmp_path):
-    summary = {
-        "steps": 10, "train_tokens": 1000, "parameters": 124_000_000, "validation": "the validation split",
-        "eval_tokens": 500, "block_size": 1024, "base_eval_loss": 3.3, "base_eval_perplexity": 27.1,
-        "base_eval_bits_per_byte": 1.2, "eval_loss": 3.0, "eval_perplexity": 20.1, "eval_bits_per_byte": 1.1,
-        "mixed_precision": "bf16", "processes": 1, "tokens_per_second": 5000.0, "train_seconds": 0.2,
-    }  # fmt: skip
+    summary = run_summary()
     card = model_card(tmp_path / "gpt2-wt", Config(model="gpt2", data="wikitext"), summary)
     assert "base_model: gpt2" in card and "- Salesforce/wikitext" in card
 
@@ -61,13 +58,7 @@ def test_the_card_shows_names_not_local_paths(finetuned, tiny_model, corpus, tmp
 
 def test_a_held_out_share_is_named_by_the_data_file_name(tmp_path):
     data = str(tmp_path / "home" / "alice" / "corpus.txt")
-    summary = {
-        "steps": 10, "train_tokens": 1000, "parameters": 124_000_000,
-        "validation": f"5% of the documents of {data}, held out",
-        "eval_tokens": 500, "block_size": 1024, "base_eval_loss": 3.3, "base_eval_perplexity": 27.1,
-        "base_eval_bits_per_byte": 1.2, "eval_loss": 3.0, "eval_perplexity": 20.1, "eval_bits_per_byte": 1.1,
-        "mixed_precision": "bf16", "processes": 1, "tokens_per_second": 5000.0, "train_seconds": 0.2,
-    }  # fmt: skip
+    summary = run_summary(validation=f"5% of the documents of {data}, held out")
     card = model_card(tmp_path / "run", Config(model=str(tmp_path / "base"), data=data), summary)
     assert str(tmp_path) not in card
     assert "On 5% of the documents of corpus.txt, held out" in card and "fine-tuned from `base`" in card

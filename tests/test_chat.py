@@ -4,18 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import read_json
+from conftest import learnt_chat_run, read_json, write_jsonl
 
 from lmtune import data
 from lmtune.config import Config
 from lmtune.model import load_tokenizer
 
 PAIRS = {"sky": "blue", "grass": "green", "cat": "meow", "dog": "woof"}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def responses(enc, i, tok):
@@ -88,18 +83,8 @@ def test_chat_format_on_plain_text_is_refused(cli, tiny_model, corpus):
 
 @pytest.fixture
 def chat_run(cli, tiny_model, tmp_path):
-    rows = [{"prompt": f"the {k}", "response": v} for k, v in PAIRS.items()] * 30
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    valid = write_jsonl(tmp_path / "valid.jsonl", rows[:4])
-    out = tmp_path / "chat-run"
     # the shipped recipe, with the tiny model and short settings in place of GPT-2's
-    r = cli(
-        "finetune", tiny_model, "--recipe", "gpt2-chat-lora", "--data", train, "--validation-data", valid,
-        "--output", out, "--no-lora", "--block-size", "64", "--batch-size", "16", "--max-steps", "200",
-        "--lr", "5e-3", "--mixed-precision", "no", "--dropout", "0",
-    )  # fmt: skip
-    assert r.code == 0, r.err
-    return out
+    return learnt_chat_run(cli, tiny_model, tmp_path, {f"the {k}": v for k, v in PAIRS.items()})[0]
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import WORDS, sentences
+from conftest import WORDS, kill_self_on_call, sentences
 
 from lmtune import data
 from lmtune.config import Config
@@ -249,15 +248,8 @@ def test_ctrl_c_while_preparing_leaves_nothing_and_the_next_run_starts_over(
     cli, tiny_model, corpus, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(data, "GROUP_CHARS", 2000)  # several groups: stopped between two of them
-    real, calls = data.encode, []
-
-    def ctrl_c_on_the_third_group(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(data, "encode", ctrl_c_on_the_third_group)
+    real = data.encode
+    kill_self_on_call(monkeypatch, data, "encode", 3)  # Ctrl-C on the third group
     out = tmp_path / "prepared"
     r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
     assert r.code == 130 and "interrupted" in r.err, r.err

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from conftest import kill_self_on_call
 from torture import KILL_STEPS, Bench
 
 from lmtune import checkpoint, loss
@@ -237,22 +238,6 @@ def test_resuming_a_diverged_run_with_a_lower_lr_goes_on_from_a_good_checkpoint(
     lrs = [e["lr"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "train"]
     assert max(lrs[2:]) <= 1e-4 < lrs[1], lrs  # steps 3 on ran with the new peak learning rate
     assert finite_weights(out) and json.loads((out / "summary.json").read_text())["eval_loss"] < 10
-
-
-def kill_self_on_call(monkeypatch, module, name, call, times=1):
-    """Replace module.name by a wrapper that sends this process SIGINT (Ctrl-C) on its `call`-th call."""
-    import os
-
-    real, calls = getattr(module, name), []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapper)
 
 
 @pytest.mark.parametrize("where, call", [("train.score", 4), ("checkpoint.save_model", 1)])  # evals: steps 0, 2, 4, 6

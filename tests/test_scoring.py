@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import two_cpu_processes
+from conftest import learnt_chat_run, run_summary, two_cpu_processes, write_jsonl
 
 from lmtune import answers
 from lmtune.metrics import FOLDER, SHIPPED
@@ -17,11 +17,6 @@ PAIRS = {
     "the cat": "the cat sat on the red mat",
     "the dog": "a small dog ran under the tree",
 }
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -95,12 +90,7 @@ def test_the_model_card_carries_the_scores_as_hub_model_index(tmp_path):
     from lmtune.card import model_card
     from lmtune.config import Config
 
-    summary = {
-        "steps": 10, "train_tokens": 1000, "parameters": 124_000_000, "validation": "the validation split",
-        "eval_tokens": 500, "block_size": 1024, "base_eval_loss": 3.3, "base_eval_perplexity": 27.1,
-        "base_eval_bits_per_byte": 1.2, "eval_loss": 3.0, "eval_perplexity": 20.1, "eval_bits_per_byte": 1.1,
-        "mixed_precision": "bf16", "processes": 1, "tokens_per_second": 5000.0, "train_seconds": 0.2,
-    }  # fmt: skip
+    summary = run_summary()
     run = tmp_path / "gpt2-alpaca"
     answers = {
         "dataset": "tatsu-lab/alpaca", "conversations": 520, "generation": "greedy, at most 128 new tokens",
@@ -124,17 +114,7 @@ def test_the_model_card_carries_the_scores_as_hub_model_index(tmp_path):
 @pytest.fixture
 def answers_run(cli, tiny_model, tmp_path):
     """A chat run of the tiny model that has learnt four answers (as tests/test_chat.py's run does)."""
-    rows = [{"prompt": k, "response": v} for k, v in PAIRS.items()] * 30
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    valid = write_jsonl(tmp_path / "valid.jsonl", rows[:4])
-    out = tmp_path / "chat-run"
-    r = cli(
-        "finetune", tiny_model, "--recipe", "gpt2-chat-lora", "--data", train, "--validation-data", valid,
-        "--output", out, "--no-lora", "--block-size", "64", "--batch-size", "16", "--max-steps", "200",
-        "--lr", "5e-3", "--mixed-precision", "no", "--dropout", "0",
-    )  # fmt: skip
-    assert r.code == 0, r.err
-    return out, valid
+    return learnt_chat_run(cli, tiny_model, tmp_path, PAIRS)
 
 
 @pytest.mark.slow

@@ -1,13 +1,11 @@
 """--streaming: a dataset read as a stream and tokenized as training takes it; resumed where it stopped."""
 
 import json
-import os
 import random
-import signal
 
 import numpy as np
 import pytest
-from conftest import read_json, sentences
+from conftest import kill_self_on_call, read_json, sentences
 
 from lmtune import batches, data, stream
 from lmtune.config import Config
@@ -59,15 +57,8 @@ def test_a_streamed_run_stopped_midway_resumes_where_it_stopped(cli, tiny_model,
 
     from lmtune import train
 
-    real, calls = train.forward_backward, []
-
-    def ctrl_c_at_step_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "forward_backward", ctrl_c_at_step_4)
+    real = train.forward_backward
+    kill_self_on_call(monkeypatch, train, "forward_backward", 4)  # Ctrl-C at step 4
     stopped = tmp_path / "stopped"
     r = cli(*run_args(tiny_model, stream_file, stopped))
     assert r.code == 130 and "stopped by SIGINT after step 4" in r.err, r.err
