@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
 from lmtune import atomic, runs
 from lmtune.config import RESUME_MUST_MATCH, Config
@@ -116,14 +117,22 @@ def save_model(model: Any, weights: dict[str, Any], tokenizer: Any, folder: Path
         tokenizer.save_pretrained(tmp)
 
 
+def plain(accelerator: Any, model: Any) -> Any:
+    """The prepared model as transformers knows it: without DDP's wrapper and without --compile's compiled
+    regions, whose parameter names carry `_orig_mod.` (the same tensors)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def whole_weights(accelerator: Any, model: Any) -> dict[str, Any]:
     """The prepared model's full state dict; every process must call it (under FSDP the main process gets
     the weights gathered from all, the others {})."""
-    weights = accelerator.get_state_dict(model)
+    # FSDP gathers from the wrapped model; otherwise the plain one's names are the ones transformers loads.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    weights = accelerator.get_state_dict(model if fsdp else plain(accelerator, model))
     # Gathered weights are copies, tied ones too (GPT-2's output layer is its input embedding); made one
     # tensor again, save_pretrained writes them once, as without FSDP.
     first: dict[int, str] = {}
-    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+    for name, p in plain(accelerator, model).named_parameters(remove_duplicate=False):
         if name in weights:
             weights[name] = weights[first.setdefault(id(p), name)]
     return dict(weights)

@@ -116,7 +116,6 @@ def score(
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     chunked = chunked and loss.supported(model)
-    head = model.get_output_embeddings()
     was_training = model.training
     model.eval()
     for b in range(0, len(mine), batch_size):
@@ -125,7 +124,7 @@ def score(
         positions = positions.to(device) if positions is not None else None
         targets = labels[:, 1:].flatten()  # position t predicts token t+1
         with autocast():  # causal, so right padding changes nothing before it
-            nll += loss.next_token_nll(model, head, inputs, targets, chunked, positions).double()
+            nll += loss.next_token_nll(model, model, inputs, targets, chunked, positions).double()
         count += (targets != loss.IGNORE).sum()
         report({"event": "phase", "phase": "evaluating", "done": min(b + batch_size, len(mine)), "total": len(mine)})
     model.train(was_training)

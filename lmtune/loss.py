@@ -32,10 +32,28 @@ def supported(model: Any) -> bool:
     )
 
 
-def last_hidden(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, E) final hidden states (after the last norm), going through model.forward so that DDP's
-    gradient hooks see the call; logits_to_keep=1 makes the model's own head compute one position only."""
-    return model(**model_inputs(input_ids, position_ids), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+def last_hidden(
+    model: Any, plain: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T, E) final hidden states (after the last norm): what the transformer body returns, taken by a hook
+    while the call goes through model.forward, so that DDP's gradient hooks see it; logits_to_keep=1 makes
+    the model's own head compute one position only.
+
+    Not output_hidden_states=True: transformers 5 answers it with hooks it then keeps on every block, and
+    those read a ContextVar, which breaks each compiled block's graph in two under --compile."""
+    got: list[torch.Tensor] = []
+    hook = body(plain).register_forward_hook(lambda module, args, out: got.append(out[0]))
+    try:
+        model(**model_inputs(input_ids, position_ids), logits_to_keep=1)
+    finally:
+        hook.remove()
+    return got[0]
+
+
+def body(plain: Any) -> Any:
+    """The transformer body of a causal LM (GPT2Model inside GPT2LMHeadModel, LlamaModel, ...)."""
+    inner = plain.get_base_model() if hasattr(plain, "get_base_model") else plain  # peft's LoRA wrapper
+    return inner.base_model
 
 
 def model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> dict[str, Any]:
@@ -49,19 +67,19 @@ def model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> 
 
 def next_token_nll(
     model: Any,
-    head: Any,
+    plain: Any,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     chunked: bool,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed NLL (nats) of `targets` (B*(T-1),), IGNORE where not scored, predicted from `inputs` (B, T):
-    position t predicts token t+1. `head` is the model's output layer (reachable when `model` is wrapped);
+    position t predicts token t+1. `plain`: the model without DDP's or --compile's wrappers (see checkpoint.plain);
     chunked: the chunked loss (see `supported`), else the full logits. positions (B, T): the position ids
     of packed rows, restarting at each conversation; None: 0, 1, 2, ... in every row."""
     if chunked:
-        hidden = last_hidden(model, inputs, positions)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
-        return linear_cross_entropy(hidden, head.weight, targets)
+        hidden = last_hidden(model, plain, inputs, positions)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
+        return linear_cross_entropy(hidden, plain.get_output_embeddings().weight, targets)
     logits = model(**model_inputs(inputs, positions)).logits[:, :-1].flatten(0, 1)  # (B*(T-1), V)
     # Upcast: a bf16 log-softmax over 50k tokens loses digits.
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
@@ -78,17 +96,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         wants_weight = ctx.needs_input_grad[1]
         grad_weight = torch.zeros(weight.shape if wants_weight else (), dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk_gradients = _compiled.get("gradients", _chunk_gradients)
         for i in range(0, len(hidden), CHUNK):
-            h, t = hidden[i : i + CHUNK], targets[i : i + CHUNK]
-            nll, logits, lse, keep = _chunk(h, weight, t)
+            nll, grad_h, grad_w = chunk_gradients(hidden[i : i + CHUNK], weight, targets[i : i + CHUNK], wants_weight)
             total += nll
-            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed again
-            # d(sum NLL)/d(logits) = softmax - one_hot(target), zero on rows not scored
-            probs[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
-            probs *= keep[:, None]
-            grad_hidden[i : i + CHUNK] = probs.to(weight.dtype) @ weight  # (C, E)
+            grad_hidden[i : i + CHUNK] = grad_h
             if wants_weight:
-                grad_weight += probs.T.to(h.dtype) @ h  # (V, E), accumulated in float32
+                grad_weight += grad_w  # accumulated in float32
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
@@ -109,20 +123,70 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torc
     return nll, logits, lse, keep
 
 
+def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _chunk(h, weight, t)[0]
+
+
+def _chunk_gradients(
+    h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, wants_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk's summed NLL and its gradients in h (C, E) and, if wanted, in weight (V, E)."""
+    nll, logits, lse, keep = _chunk(h, weight, t)
+    # d(sum NLL)/d(logits) = softmax - one_hot(target), zero on rows not scored. Eager, each op is a pass
+    # over the (C, V) float32 logits, so they are done in place; compiled, they fuse into one or two passes.
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
+    probs *= keep[:, None]
+    grad_h = probs.to(weight.dtype) @ weight  # (C, E)
+    return nll, grad_h, probs.T.to(h.dtype) @ h if wants_weight else None  # (V, E)
+
+
+def _fused_chunk_gradients(
+    h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, wants_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`_chunk_gradients` written for torch.compile: no in-place updates and the one-hot as a comparison,
+    so softmax, one-hot, mask and cast fuse into one pass over the logits (the in-place form, compiled,
+    measured 1.7x slower on CPU: bench/loss.py)."""
+    logits = (h @ weight.T).float()  # (C, V)
+    keep = t != IGNORE
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    is_target = torch.arange(logits.shape[1], device=t.device) == t[:, None]  # (C, V)
+    nll = ((lse - (logits * is_target).sum(1)) * keep).sum()
+    probs = ((torch.exp(logits - lse[:, None]) - is_target.float()) * keep[:, None]).to(weight.dtype)
+    grad_h = probs @ weight  # (C, E)
+    return nll, grad_h, probs.T.to(h.dtype) @ h if wants_weight else None  # (V, E)
+
+
+# The chunk functions compiled by `compile_chunks`, by name; empty: eager.
+_compiled: dict[str, Any] = {}
+
+
+def compile_chunks() -> None:
+    """From now on in this process, run each chunk of the loss as compiled kernels (torch.compile).
+
+    Eager, the chunk's float32 logits are read and written about nine times (upcast, log-sum-exp, subtract,
+    exp, one-hot, mask, cast): bound by memory bandwidth. Compiled, those fuse into the matmul's epilogue
+    and a pass or two. One compilation per chunk shape: the full chunk, the ragged last one, and those of
+    evaluation (dynamic=False: each shape its own specialized kernels; few shapes occur in a run)."""
+    _compiled["gradients"] = torch.compile(_fused_chunk_gradients, dynamic=False)
+    _compiled["nll"] = torch.compile(_chunk_nll, dynamic=False)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL (nats) of logits hidden @ weight.T at targets; differentiable in hidden and weight."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         result: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, targets)
         return result
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    chunk_nll = _compiled.get("nll", _chunk_nll)
     for i in range(0, len(hidden), CHUNK):
-        total += _chunk(hidden[i : i + CHUNK], weight, targets[i : i + CHUNK])[0]
+        total += chunk_nll(hidden[i : i + CHUNK], weight, targets[i : i + CHUNK])
     return total
 
 
 def next_token_loss(
     model: Any,
-    head: Any,
+    plain: Any,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     chunked: bool,
@@ -133,7 +197,7 @@ def next_token_loss(
     sync). Position t predicts labels[t + 1]; IGNORE labels (chat prompts, padding) are not counted."""
     targets = labels[:, 1:].flatten()
     with accelerator.autocast():
-        total = next_token_nll(model, head, inputs, targets, chunked, positions)
+        total = next_token_nll(model, plain, inputs, targets, chunked, positions)
     return total, label_count(labels)
 
 

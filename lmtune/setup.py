@@ -15,11 +15,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (
+    DistributedType,
+    TorchDynamoPlugin,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lmtune import batches, data, hub, lora, loss, runs, stream
+from lmtune import batches, checkpoint, data, hub, lora, loss, runs, stream
 from lmtune.config import Config, absolute_paths
 from lmtune.errors import LmtuneError
 from lmtune.events import Report, silent
@@ -37,7 +43,7 @@ class Run:
     output: Path
     accelerator: Any
     model: Any  # prepared by Accelerate (DDP- or FSDP-wrapped when there are several processes)
-    head: Any  # its output layer, which the chunked loss multiplies by itself
+    plain: Any  # the same model as transformers (or peft) built it, without DDP's or --compile's wrappers
     optimizer: Any
     scheduler: Any
     loader: Any  # batches of (inputs, labels, real tokens)
@@ -106,15 +112,20 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     if len(corpus.validation.ids) < 2:
         raise LmtuneError("the validation data is shorter than 2 tokens; pass more --validation-data")
     collate = partial(batches.pad_batch, pad_id=tokenizer.pad_token_id)
-    loader = DataLoader(rows.dataset, batch_size=cfg.batch_size, shuffle=not cfg.streaming, collate_fn=collate)
+    # On a GPU, batches are built in page-locked memory, so their copy to the GPU (non_blocking, see
+    # make_accelerator) runs while the CPU goes on queueing the step's kernels instead of waiting for it.
+    pin = torch.cuda.is_available()
+    loader = DataLoader(rows.dataset, cfg.batch_size, shuffle=not cfg.streaming, collate_fn=collate, pin_memory=pin)
     # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     # The chunked loss reads the output weights outside the model's forward, which sharded models
     # (FSDP, DeepSpeed) do not allow; they take transformers' loss.
     sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
     chunked = loss.supported(model) and accelerator.distributed_type not in sharded
-    head = model.get_output_embeddings()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    plain = checkpoint.plain(accelerator, model)
+    if cfg.compile and chunked:
+        loss.compile_chunks()
 
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -128,7 +139,7 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
         num_training_steps=total_steps,
     )
     run = Run(
-        cfg, output, accelerator, model, head, optimizer, scheduler, loader, tokenizer, corpus.validation, block_size,
+        cfg, output, accelerator, model, plain, optimizer, scheduler, loader, tokenizer, corpus.validation, block_size,
         chunked, accelerator.distributed_type == DistributedType.FSDP, total_steps,
         math.ceil(total_steps / steps_per_epoch), eval_every, cfg.save_every if cfg.save_every is not None else eval_every,
         {}, resume_from, say,
@@ -152,13 +163,19 @@ def make_accelerator(cfg: Config, output: Path) -> Any:
         # instead of letting each train alone.
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=resolve_precision(cfg.mixed_precision),
-        dynamo_backend="inductor" if cfg.compile else "no",
+        # Regional compilation: each transformer block is compiled once and the compiled code reused by
+        # the others (torchtune does the same), and the code around them (masks, positions) stays eager,
+        # where transformers picks sdpa's causal fast path; a whole-model graph also broke at least once.
+        # "no" unless --compile, whatever `accelerate config` set.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.compile else "no", use_regional_compilation=True),
         # Micro-batches are accumulated by the loop itself, each weighted by its share of the step's tokens.
         gradient_accumulation_steps=1,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(output),
         # The data order depends only on the seed and the epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=torch.cuda.is_available()
+        ),
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Its gradient clipping returns a float and its optimizer state is split in its own format;
@@ -174,7 +191,10 @@ def make_accelerator(cfg: Config, output: Path) -> Any:
 def make_plan(run: Run, corpus: data.Corpus, rows: batches.Rows, steps_per_epoch: int) -> dict[str, Any]:
     """What the run will do, shown before it starts (and by --dry-run) and kept in summary.json."""
     cfg, acc = run.cfg, run.accelerator
-    n_parameters, n_trainable = parameter_count(acc.unwrap_model(run.model)), lora.trainable_parameters(run.model)
+    n_parameters, n_trainable = (
+        parameter_count(run.plain),
+        lora.trainable_parameters(run.model),
+    )
     return {
         "output": str(run.output),
         "model": cfg.model or "new GPT-2 shaped model",
@@ -253,7 +273,7 @@ def timed_passes(run: Run) -> dict[str, Any]:
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        nll, count = loss.next_token_loss(run.model, run.head, inputs, labels, run.chunked, run.accelerator, positions)
+        nll, count = loss.next_token_loss(run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions)
         run.accelerator.backward(nll / count)
         timings.append(time.perf_counter() - start)
     run.model.zero_grad(set_to_none=True)

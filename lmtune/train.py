@@ -242,7 +242,7 @@ def forward_backward(run: Run, group: list[Any]) -> tuple[torch.Tensor, torch.Te
     finite = torch.ones((), dtype=torch.bool, device=acc.device)
     for i, (inputs, labels, positions, _) in enumerate(group):  # (B, T) each, positions or None
         with acc.no_sync(run.model) if i < len(group) - 1 else contextlib.nullcontext():
-            nll, n_labels = loss.next_token_loss(run.model, run.head, inputs, labels, run.chunked, acc, positions)
+            nll, n_labels = loss.next_token_loss(run.model, run.plain, inputs, labels, run.chunked, acc, positions)
             acc.backward(nll / step_tokens * acc.num_processes)  # x processes: their average is the sum
         finite &= torch.isfinite(nll.detach())
         total += nll.detach()
@@ -286,7 +286,7 @@ def evaluate(run: Run, p: Progress) -> Score:
     acc = run.accelerator
     # FSDP's wrapper gathers the weights in its forward (FSDP 1 only unwraps to a module of shards).
     s = score(
-        run.model if run.fsdp else acc.unwrap_model(run.model), run.validation, run.block_size, run.block_size,
+        run.model if run.fsdp else run.plain, run.validation, run.block_size, run.block_size,
         run.cfg.batch_size, rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast,
         reduce=lambda t: acc.reduce(t, "sum"), report=run.say, chunked=run.chunked, packing=run.cfg.packing,
     )  # fmt: skip
@@ -333,7 +333,7 @@ def save_checkpoint(run: Run, p: Progress, base: Score) -> Path | None:
         "processes": run.accelerator.num_processes, "fsdp": run.fsdp, "config": run.cfg.model_dump(exclude={"output"}),
         "held_out": checkpoint.HELD_OUT,
     }  # fmt: skip
-    model = run.accelerator.unwrap_model(run.model)
+    model = run.plain
     return checkpoint.save(
         run.output / runs.CHECKPOINTS, p.step, run.cfg.keep_checkpoints, model, weights, run.tokenizer,
         optimizer_state, processes, state,
@@ -368,7 +368,7 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
     }  # fmt: skip
     if run.main:
         try:
-            checkpoint.save_model(acc.unwrap_model(run.model), weights, run.tokenizer, run.output)
+            checkpoint.save_model(run.plain, weights, run.tokenizer, run.output)
         except Exception as err:  # a full disk: say what was lost, what was kept and how to go on
             raise final_save_failed(run.output, p.step, err) from None
         # What a person reads: the training curves and a model card (README.md, the hub's format).

@@ -43,7 +43,7 @@ def nll_and_grads(model, rows):
     """Summed NLL of a batch built from `rows` (Examples items) and the gradients it gives."""
     model.zero_grad()
     inputs, labels, positions, _ = batches.pad_batch(rows, pad_id=0)
-    total = loss.next_token_nll(model, model.get_output_embeddings(), inputs, labels[:, 1:].flatten(), True, positions)
+    total = loss.next_token_nll(model, model, inputs, labels[:, 1:].flatten(), True, positions)
     total.backward()
     return total.detach(), [p.grad.clone() for p in model.parameters()]
 

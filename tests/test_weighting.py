@@ -73,10 +73,10 @@ def test_out_of_gpu_memory_halves_the_micro_batches_and_trains_the_same_model(
 
     real = loss.next_token_nll
 
-    def small_gpu(model, head, inputs, *args, **kwargs):
+    def small_gpu(model, plain, inputs, *args, **kwargs):
         if len(inputs) > 2 and torch.is_grad_enabled():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, head, inputs, *args, **kwargs)
+        return real(model, plain, inputs, *args, **kwargs)
 
     reference = tmp_path / "batch2x4"
     assert cli(*args(tiny_model, uneven_chat, reference, 2, 4)).code == 0
