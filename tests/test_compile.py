@@ -93,3 +93,31 @@ def test_finetune_with_compile_trains_the_same_model_without_graph_breaks(
     for (name, ours), theirs in zip(plain.state_dict().items(), reference.state_dict().values(), strict=True):
         assert "_orig_mod" not in name
         assert torch.allclose(ours, theirs, atol=1e-4), name
+
+
+@pytest.mark.slow
+def test_two_processes_with_compile_train_the_same_model(tiny_model, corpus, tmp_path, lmtune_home):
+    """Regional compilation makes a copy of the DDP wrapper around the compiled blocks, and the loop calls
+    that copy (no_sync included): the gradients must still be averaged across the processes."""
+    from conftest import two_cpu_processes
+
+    def finetune(name, port, *extra):
+        out = tmp_path / name
+        args = [
+            "finetune", tiny_model, "--data", corpus / "train.txt", "--validation-data", corpus / "valid.txt",
+            "--output", out, "--block-size", "32", "--batch-size", "2", "--gradient-accumulation-steps", "2",
+            "--max-steps", "3", "--lr", "1e-3", "--mixed-precision", "no", "--eval-every", "0", "dropout=0", *extra,
+        ]  # fmt: skip
+        proc = two_cpu_processes(args, lmtune_home, port=port)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out
+
+    eager = finetune("eager", 29541)
+    compiled = finetune("compiled", 29542, "--compile")
+
+    assert read_json(compiled / "summary.json")["processes"] == 2
+    plain = AutoModelForCausalLM.from_pretrained(compiled).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(eager).state_dict()
+    assert plain.keys() == reference.keys()
+    for name, theirs in reference.items():
+        assert torch.allclose(plain[name], theirs, atol=1e-4), name
