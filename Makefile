@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench bench-packing bench-data torture clean
+.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data torture clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench: install
 	$(PY) bench/run.py
 
 # chat data packed into rows against one conversation per row, padded; needs ../shared/data. About 4 minutes.
+# eager against --compile on make bench's job (needs its base model): about 6 minutes on 2 cores
+bench-compile: install
+	$(PY) bench/compile.py
+
 bench-packing: install
 	$(PY) bench/packing.py
 
