@@ -43,11 +43,11 @@ demo: install
 bench: install
 	$(PY) bench/run.py
 
-# chat data packed into rows against one conversation per row, padded; needs ../shared/data. About 4 minutes.
 # eager against --compile on make bench's job (needs its base model): about 6 minutes on 2 cores
 bench-compile: install
 	$(PY) bench/compile.py
 
+# chat data packed into rows against one conversation per row, padded; needs ../shared/data. About 4 minutes.
 bench-packing: install
 	$(PY) bench/packing.py
 
