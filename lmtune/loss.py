@@ -166,10 +166,11 @@ def compile_chunks() -> None:
 
     Eager, the chunk's float32 logits are read and written about nine times (upcast, log-sum-exp, subtract,
     exp, one-hot, mask, cast): bound by memory bandwidth. Compiled, those fuse into the matmul's epilogue
-    and a pass or two. One compilation per chunk shape: the full chunk, the ragged last one, and those of
-    evaluation (dynamic=False: each shape its own specialized kernels; few shapes occur in a run)."""
-    _compiled["gradients"] = torch.compile(_fused_chunk_gradients, dynamic=False)
-    _compiled["nll"] = torch.compile(_chunk_nll, dynamic=False)
+    and a pass or two. Two compilations: the full chunk's shape, then one for any number of rows, as the
+    ragged last chunk varies from batch to batch with padded chat rows (torch.compile's automatic dynamic
+    shapes; dynamic=False would compile each new shape, and run eagerly once eight were compiled)."""
+    _compiled["gradients"] = torch.compile(_fused_chunk_gradients)
+    _compiled["nll"] = torch.compile(_chunk_nll)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
