@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data torture clean
+.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu torture clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ bench-packing: install
 # seconds, tokens/s, peak RSS. Not part of `make bench`: about 40 minutes on 2 cores and 10 GB of disk.
 bench-data: install
 	$(PY) bench/data.py
+
+# on one CUDA GPU: lmtune bf16, each speed lever alone (dropout 0, --compile), the Trainer, a training step's profile
+# before and after, the loss alone; needs ../shared/data. About 7 minutes on an H100 (--budget caps it at 450 s).
+bench-gpu: install
+	$(PY) bench/gpu.py
 
 # kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_paragraphs
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -41,3 +43,37 @@ def test_bare_loop_and_parts_run(tiny_model, corpus):
     assert prep["tokens"] == prep["datasets_tokens"]  # both paths make the same token stream
     gen = run_json(BENCH / "parts.py", "generate", "--model", tiny_model, "--new-tokens", 4)
     assert gen["batch8_cache_tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_step_profile_and_loss_benchmark_report_their_figures(tmp_path):
+    """bench/profile_step.py --tiny (eager) and bench/loss.py (eager, compiled, full logits) on CPU, as
+    bench/gpu.py runs them on a GPU; the shared corpora stood in for by generated text."""
+    data = tmp_path / "data"
+    for i, name in enumerate(("tinyshakespeare/input.txt", "wikitext-2/valid.txt", "wikitext-2/test.txt")):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        write_paragraphs(data / name, 300, seed=10 + i)
+    p = run_json(BENCH / "profile_step.py", "--tiny", "--data", data, "--out", tmp_path / "profile", "--steps", 2)
+    assert p["profiled_steps"] == 2 and p["step_seconds"] > 0 and p["tokens_per_second"] > 0
+    assert {"forward", "loss", "backward", "optimizer"} <= set(p["phases"])
+    assert 0 < p["loss_share"] < 1
+    # On CPU the phases are the self times of every operator in the steps: together, the steps' own time.
+    assert sum(p["phases"].values()) == pytest.approx(p["profiled_step_seconds"], rel=0.05)
+    assert p["top_ops"] and all(op["seconds"] > 0 and op["calls"] > 0 for op in p["top_ops"])
+    assert p["host_device_syncs_per_step"] == p["sync_events_per_step"]["tensor_to_python"] >= 0
+    assert (tmp_path / "profile" / "trace.json.gz").stat().st_size > 0
+    assert json.loads((tmp_path / "profile" / "profile.json").read_text())["loss_share"] == p["loss_share"]
+
+    loss = run_json(
+        BENCH / "loss.py", "--rows", 80, "--width", 32, "--vocab", 512, "--chunk", 32, "--reps", 2,
+        "--out", tmp_path / "loss",
+    )  # fmt: skip
+    got = {(r["variant"], r["precision"]): r for r in loss["results"]}
+    assert set(got) == {(v, p) for v in ("eager", "compiled", "full") for p in ("bf16", "fp32")}
+    assert all(r["median_ms"] > 0 for r in got.values())
+    # Compiling shows in the first call; the numbers stay eager's (bf16: see tests/test_compile.py).
+    assert got["compiled", "fp32"]["first_call_seconds"] > got["eager", "fp32"]["first_call_seconds"]
+    for variant, precision in got:
+        r, tolerance = got[variant, precision], 1e-5 if precision == "fp32" else 2e-2
+        assert r["loss_relative_difference"] < tolerance
+        assert r["grad_hidden_relative_difference"] < tolerance and r["grad_weight_relative_difference"] < tolerance
