@@ -40,11 +40,15 @@ def last_hidden(
     the model's own head compute one position only.
 
     Not output_hidden_states=True: transformers 5 answers it with hooks it then keeps on every block, and
-    those read a ContextVar, which breaks each compiled block's graph in two under --compile."""
+    those read a ContextVar, which breaks each compiled block's graph in two under --compile. The tokens are
+    embedded here and passed as inputs_embeds: given input_ids and no mask, GPT-2's forward checks whether
+    a row starts or ends with the config's pad id (lmtune's new models and many fine-tunes have one), a host
+    sync on every forward."""
     got: list[torch.Tensor] = []
+    embeds = plain.get_input_embeddings()(input_ids)  # (B, T, E); LoRA's wrapper when it adapts them
     hook = body(plain).register_forward_hook(lambda module, args, out: got.append(out[0]))
     try:
-        model(**model_inputs(input_ids, position_ids), logits_to_keep=1)
+        model(**model_inputs(input_ids, position_ids, embeds), logits_to_keep=1)
     finally:
         hook.remove()
     return got[0]
@@ -56,13 +60,17 @@ def body(plain: Any) -> Any:
     return inner.base_model
 
 
-def model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> dict[str, Any]:
-    """A scoring forward's arguments. Packed rows (position ids restarting at each conversation) go without
-    a KV cache: transformers builds their block-diagonal mask only then (and looks for packing with one host
-    sync per forward, which rows with plain positions and a cache skip)."""
+def model_inputs(
+    input_ids: torch.Tensor, position_ids: torch.Tensor | None, embeds: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """A scoring forward's arguments: the tokens, or their embeddings when given. Packed rows (position ids
+    restarting at each conversation) go without a KV cache: transformers builds their block-diagonal mask
+    only then (and looks for packing with one host sync per forward, which rows with plain positions and a
+    cache skip)."""
+    tokens = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
     if position_ids is None:
-        return {"input_ids": input_ids}
-    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        return tokens
+    return {**tokens, "position_ids": position_ids, "use_cache": False}
 
 
 def next_token_nll(

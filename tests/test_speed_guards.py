@@ -5,6 +5,7 @@ everything queued; in the training step that stalls the GPU's work queue. lmtune
 --log-every points. And `torch.compile` should see each transformer block as one graph.
 """
 
+import json
 import sys
 from collections import Counter
 
@@ -18,7 +19,15 @@ SYNCS = ("item", "__bool__", "tolist", "__int__", "__float__", "__index__")
 
 
 def test_a_training_step_syncs_with_the_device_only_at_log_points(cli, tiny_model, corpus, tmp_path, monkeypatch):
-    """Count the tensor-to-Python conversions made while `train` runs, by step; only logging steps have any."""
+    """Count the tensor-to-Python conversions made while `train` runs, by step; only logging steps have any.
+
+    The model's config names a pad token, as lmtune's from-scratch models and many GPT-2 fine-tunes do:
+    given input ids and no mask, GPT-2's forward then checks each batch's first and last columns for it."""
+    import shutil
+
+    model = shutil.copytree(tiny_model, tmp_path / "model-with-pad-id")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "pad_token_id": 0}))
     counts: Counter[int] = Counter()
     progress = {"step": 0}
     real_train = train.train
@@ -45,7 +54,7 @@ def test_a_training_step_syncs_with_the_device_only_at_log_points(cli, tiny_mode
 
     monkeypatch.setattr(train, "train", counting_train)
     r = cli(
-        "finetune", tiny_model, "--data", corpus / "train.txt", "--output", tmp_path / "run", "--block-size", "32",
+        "finetune", model, "--data", corpus / "train.txt", "--output", tmp_path / "run", "--block-size", "32",
         "--batch-size", "4", "--gradient-accumulation-steps", "2", "--max-steps", "12", "--log-every", "4",
         "--eval-every", "0", "--save-every", "0", "--mixed-precision", "no",
     )  # fmt: skip
