@@ -154,7 +154,7 @@ def _fused_chunk_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`_chunk_gradients` written for torch.compile: no in-place updates and the one-hot as a comparison,
     so softmax, one-hot, mask and cast fuse into one pass over the logits (the in-place form, compiled,
-    measured 1.7x slower on CPU: bench/loss.py)."""
+    measured 1.2x-1.6x slower on a CPU in bf16: `bench/loss.py --variants compiled inplace`)."""
     logits = (h @ weight.T).float()  # (C, V)
     keep = t != IGNORE
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
