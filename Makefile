@@ -43,7 +43,7 @@ demo: install
 bench: install
 	$(PY) bench/run.py
 
-# eager against --compile on make bench's job (needs its base model): about 6 minutes on 2 cores
+# eager against --compile on make bench's job (needs its base model): about 10 minutes on 2 cores
 bench-compile: install
 	$(PY) bench/compile.py
 

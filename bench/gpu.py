@@ -7,7 +7,7 @@ same time and memory. Its tokenizer is a byte-level BPE of 32,768 tokens trained
 but every one is a logit, as in GPT-2's padded vocabulary). It is fine-tuned for 40 steps of 16 x 1024 tokens on
 WikiText-2 valid.txt (cut so every batch is full) and evaluated on the start of test.txt. Each measurement runs
 in its own process, one after another, in order of importance, so that a run cut short (--budget) keeps the key
-figures: lmtune bf16 (the GPU default), bf16 --compile dropout=0 (recipe gpt2-speed's settings), the Trainer
+figures: lmtune bf16 (the GPU default), bf16 --compile dropout=0 (recipe gpt2-speed's settings plus --compile), the Trainer
 with bf16 (bench/trainer_clm.py), then each lever alone (bf16 dropout=0, bf16 --compile), a profile of a
 training step before (bf16) and after (--compile, dropout 0) (bench/profile_step.py), the loss alone
 (bench/loss.py, at this job's shape), and last fp32 and LoRA (rank 16, bf16). Prints the tables and writes
@@ -435,7 +435,7 @@ def mfu(r: dict[str, Any], job: Job, peak: float) -> None:
 
 
 # The measurements in order of importance, so that a run cut short by --budget keeps the key figures: the GPU
-# default, gpt2-speed's settings and the Trainer; each lever alone; a step's profile before and after; the loss
+# default, gpt2-speed's settings with --compile, and the Trainer; each lever alone; a step's profile before and after; the loss
 # alone; then fp32 and LoRA. Each with the group --skip also takes.
 STEPS = {
     "bf16": "bf16",
