@@ -56,7 +56,8 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
             f"{plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epoch(s); {plan['total_steps']:,} in total",
         ),
         ("tokens per step", f"{plan['tokens_per_step']:,} ({plan['processes']} process(es))"),
-        ("precision", plan["mixed_precision"]),
+        # Compiling makes the first steps slow (a minute or more for a large model): say so before they start.
+        ("precision", plan["mixed_precision"] + (", compiled: the first steps take longer" if plan["compile"] else "")),
         ("output", plan["output"]),
     ]
     if "estimated_seconds" in plan:

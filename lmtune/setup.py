@@ -204,6 +204,7 @@ def make_plan(run: Run, corpus: data.Corpus, rows: batches.Rows, steps_per_epoch
         "training_state_bytes": n_trainable * lora.STATE_BYTES_PER_PARAMETER,
         "full_training_state_bytes": n_parameters * lora.STATE_BYTES_PER_PARAMETER,
         "mixed_precision": acc.mixed_precision,
+        "compile": cfg.compile,
         "processes": acc.num_processes,
         "documents": corpus.train.documents,
         "empty_documents": corpus.empty_documents,

@@ -73,12 +73,17 @@ def test_finetune_with_compile_trains_the_same_model_without_graph_breaks(
             "--mixed-precision", "no", "--eval-every", "2", "dropout=0", *extra,
         )  # fmt: skip
         assert r.code == 0, r.err
+        shown[name] = r.out + r.err
         return out
 
+    shown: dict[str, str] = {}
     eager = finetune("eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = finetune("compiled", "--compile")
+    assert read_json(compiled / "summary.json")["compile"] is True
+    assert "compiled: the first steps take longer" in shown["compiled"]  # said in the plan, before they start
+    assert "compiled" not in shown["eager"]
 
     # Every transformer block, and the loss, ran compiled, as whole graphs.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0

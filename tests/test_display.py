@@ -12,7 +12,7 @@ PLAN = {
     "train_tokens_available": 500, "data_format": "text",
     "data_from_cache": False, "blocks": 3, "block_size": 128, "tokens_dropped": 116, "validation_tokens": 50,
     "validation_documents": 1, "validation": "held out", "steps_per_epoch": 3, "epochs": 1, "total_steps": 3,
-    "tokens_per_step": 128, "processes": 1, "mixed_precision": "no", "output": "runs/x",
+    "tokens_per_step": 128, "processes": 1, "mixed_precision": "no", "compile": False, "output": "runs/x",
 }  # fmt: skip
 EVENTS = [
     {"event": "phase", "phase": "tokenizing training data", "done": 5, "total": 10},
