@@ -114,6 +114,17 @@ def lmtune_home(tmp_path):
         yield home
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_python():
+    """Ctrl-C as in a terminal: a shell without job control starts background jobs (`make check &`) with
+    SIGINT ignored, and Python keeps it so, which would silence the tests' Ctrl-Cs."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @dataclass
 class Result:
     code: int
