@@ -127,12 +127,12 @@ def whole_weights(accelerator: Any, model: Any) -> dict[str, Any]:
     """The prepared model's full state dict; every process must call it (under FSDP the main process gets
     the weights gathered from all, the others {})."""
     # FSDP gathers from the wrapped model; otherwise the plain one's names are the ones transformers loads.
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    weights = accelerator.get_state_dict(model if fsdp else plain(accelerator, model))
+    fsdp, unwrapped = accelerator.distributed_type == DistributedType.FSDP, plain(accelerator, model)
+    weights = accelerator.get_state_dict(model if fsdp else unwrapped)
     # Gathered weights are copies, tied ones too (GPT-2's output layer is its input embedding); made one
     # tensor again, save_pretrained writes them once, as without FSDP.
     first: dict[int, str] = {}
-    for name, p in plain(accelerator, model).named_parameters(remove_duplicate=False):
+    for name, p in unwrapped.named_parameters(remove_duplicate=False):
         if name in weights:
             weights[name] = weights[first.setdefault(id(p), name)]
     return dict(weights)

@@ -114,7 +114,7 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     collate = partial(batches.pad_batch, pad_id=tokenizer.pad_token_id)
     # On a GPU, batches are built in page-locked memory, so their copy to the GPU (non_blocking, see
     # make_accelerator) runs while the CPU goes on queueing the step's kernels instead of waiting for it.
-    pin = torch.cuda.is_available()
+    pin = accelerator.device.type == "cuda"
     loader = DataLoader(rows.dataset, cfg.batch_size, shuffle=not cfg.streaming, collate_fn=collate, pin_memory=pin)
     # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
@@ -191,10 +191,7 @@ def make_accelerator(cfg: Config, output: Path) -> Any:
 def make_plan(run: Run, corpus: data.Corpus, rows: batches.Rows, steps_per_epoch: int) -> dict[str, Any]:
     """What the run will do, shown before it starts (and by --dry-run) and kept in summary.json."""
     cfg, acc = run.cfg, run.accelerator
-    n_parameters, n_trainable = (
-        parameter_count(run.plain),
-        lora.trainable_parameters(run.model),
-    )
+    n_parameters, n_trainable = parameter_count(run.plain), lora.trainable_parameters(run.model)
     return {
         "output": str(run.output),
         "model": cfg.model or "new GPT-2 shaped model",

@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 import torch
+from conftest import read_json, two_cpu_processes
 from transformers import AutoModelForCausalLM
 
 from lmtune import loss
-from tests.conftest import read_json
 
 
 @pytest.fixture
@@ -104,7 +104,6 @@ def test_finetune_with_compile_trains_the_same_model_without_graph_breaks(
 def test_two_processes_with_compile_train_the_same_model(tiny_model, corpus, tmp_path, lmtune_home):
     """Regional compilation makes a copy of the DDP wrapper around the compiled blocks, and the loop calls
     that copy (no_sync included): the gradients must still be averaged across the processes."""
-    from conftest import two_cpu_processes
 
     def finetune(name, port, *extra):
         out = tmp_path / name
