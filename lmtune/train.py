@@ -333,9 +333,8 @@ def save_checkpoint(run: Run, p: Progress, base: Score) -> Path | None:
         "processes": run.accelerator.num_processes, "fsdp": run.fsdp, "config": run.cfg.model_dump(exclude={"output"}),
         "held_out": checkpoint.HELD_OUT,
     }  # fmt: skip
-    model = run.plain
     return checkpoint.save(
-        run.output / runs.CHECKPOINTS, p.step, run.cfg.keep_checkpoints, model, weights, run.tokenizer,
+        run.output / runs.CHECKPOINTS, p.step, run.cfg.keep_checkpoints, run.plain, weights, run.tokenizer,
         optimizer_state, processes, state,
     )  # fmt: skip
 
