@@ -529,8 +529,16 @@ def tokenizer_pool(tokenizer: Any, workers: int) -> Iterator[Workers | None]:
         yield None
         return
     _worker_tokenizer = tokenizer
+    # The workers are forked with SIGTERM at its default action, which their initializer keeps: one stuck
+    # before it ran (on a lock another thread held at the fork) would otherwise keep a run's Python handler,
+    # which never runs there, and the pool's end, sending SIGTERM, would wait for it forever.
+    term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker) as pool:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    try:
+        with pool:
             yield Workers(pool, workers)  # leaving the block terminates them, on an error or Ctrl-C too
     finally:
         _worker_tokenizer = None

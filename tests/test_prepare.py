@@ -329,3 +329,35 @@ def test_the_data_benchmark_parts_run(tiny_model, corpus, tmp_path):
     assert lmtune["tokens"] > 0 and lmtune["peak_rss_mb"] > 0 and lmtune["worker_peak_rss_mb"] > 0
     hf = run_json("datasets-map", corpus / "train.txt", tiny_model, "--workers", 2)
     assert hf["tokens"] > 0 and hf["tokens"] % 128 == 0
+
+
+STUCK_WORKER = """
+import os, sys, threading
+from lmtune import data
+from lmtune.model import load_tokenizer
+from lmtune.stop import StopSignals
+
+held = threading.Lock()
+held.acquire()
+# A lock another thread of the parent held at the fork: the worker waits for it before its initializer runs.
+os.register_at_fork(after_in_child=held.acquire)
+with StopSignals():  # as during a run: SIGTERM has a Python handler
+    with data.tokenizer_pool(load_tokenizer(sys.argv[1]), 2):
+        pass  # leaving the pool terminates its workers
+print("pool closed")
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_stuck_before_its_initializer_still_ends_with_the_pool(tiny_model):
+    """The pool ends its workers with SIGTERM. A worker stuck at the fork, before its initializer gave SIGTERM
+    back its default action, would otherwise keep the parent's Python handler, which never runs there: the
+    pool's end, and lmtune with it, would wait forever (seen once in the suite, a worker forked while other
+    threads of the process held a lock)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", STUCK_WORKER, str(tiny_model)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "pool closed" in r.stdout, r.stderr[-2000:]
