@@ -17,7 +17,8 @@ import numpy as np
 
 from lmtune import atomic, card, data, runs
 from lmtune.config import Config, build
-from lmtune.data import Conversation, Documents
+from lmtune.data import plan as data_plan
+from lmtune.data.types import Conversation, Documents
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report, silent
 from lmtune.generate import Sampling, generate, load, trained_on_chat
@@ -67,25 +68,32 @@ def run_folder(name: str) -> Path | None:
     return path if (path / runs.CONFIG).is_file() and (path / runs.SUMMARY).is_file() else None
 
 
-def validation_conversations(cfg: Config, run: Path) -> Documents:
-    """A run's validation conversations: --validation-data, the data's validation split, or the documents
-    held out of it, by the rule training applied (`data.held_out`)."""
-    assert cfg.data, "a run has data"
-    if cfg.validation_data:
-        docs = data.eval_documents(cfg.validation_data, cfg)
-    elif data.is_prepared(cfg.data):
-        raise LmtuneError(
-            f"{run} was trained on tokens written by lmtune prepare, which keep no text to answer; pass --data "
-            "with the validation conversations"
-        )
-    else:
-        splits = data.read_documents(cfg.data, cfg)
-        if "validation" in splits:
-            docs = splits["validation"]
+def validation_conversations(run: Path) -> tuple[Documents, str]:
+    """A run's validation conversations, from where its data plan says (data_plan.json): validation data of a
+    source's own, its validation split, or the documents held out of it by the rule training applied
+    (`data.held_out`); and their names, for the output. Text sources mixed in are left out: they hold no
+    question to answer."""
+    cfg = build(str(run / runs.CONFIG))
+    plan = data_plan.read(run, cfg)
+    docs: list[Any] = []
+    for src in (s for s in plan.sources if s.data_format == "chat"):
+        if src.validation == "prepared":
+            raise LmtuneError(
+                f"{run} was trained on tokens written by lmtune prepare, which keep no text to answer; pass --data "
+                "with the validation conversations"
+            )
+        if src.validation == "data":
+            assert src.validation_data, "the plan names it"
+            docs += data.eval_documents(src.validation_data, src)
+            continue
+        splits = data.read_documents(src.data, src)
+        if src.validation == "split":
+            docs += splits["validation"]
         else:
-            kept = [d for d in data.train_split(splits, cfg.data) if data.has_text(d)]
-            docs = [d for d, held in zip(kept, data.held_out(kept, cfg.validation_percent), strict=True) if held]
-    return [d for d in docs if data.has_text(d)]
+            kept = [d for d in data.train_split(splits, src.data) if data.has_text(d)]
+            docs += [d for d, held in zip(kept, data.held_out(kept, src.validation_percent), strict=True) if held]
+    names = ", ".join(s.validation_data or s.data for s in plan.sources if s.data_format == "chat")
+    return [d for d in docs if data.has_text(d)], names
 
 
 def dataset_name(spec: str) -> str:
@@ -100,14 +108,12 @@ def conversations(data_spec: str | None, run: Path | None, text_column: str) -> 
     data's name (for the model card): --data, else the validation data of `run`."""
     if data_spec:
         docs = data.eval_documents(data_spec, Config(data_format="chat", text_column=text_column))
-        where, spec = data_spec, data_spec
+        where, name = data_spec, dataset_name(data_spec)
     else:
         assert run, "checked by the caller"
-        cfg = build(str(run / runs.CONFIG))
-        spec = cfg.validation_data or cfg.data or ""
-        where = f"the validation data of {run} ({spec})"
-        docs = validation_conversations(cfg, run)
-    return (*questions(docs, where), where, dataset_name(spec))
+        docs, spec = validation_conversations(run)
+        where, name = f"the validation data of {run} ({spec})", ", ".join(map(dataset_name, spec.split(", ")))
+    return (*questions(docs, where), where, name)
 
 
 def prompt_text(tokenizer: Any, messages: Conversation) -> str:

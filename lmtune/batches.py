@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lmtune import loss
-from lmtune.data import Corpus, Split
+from lmtune.data.types import Corpus, Split
 from lmtune.errors import LmtuneError
 
 
@@ -150,19 +150,21 @@ class Rows:
     skipped: int = 0  # chat: conversations with no response token left within the block
 
 
-def training_rows(corpus: Corpus, block_size: int, packing: bool = False) -> Rows:
-    """Text cut into full blocks; chat data several conversations per row (`packing`) or one per row."""
+def training_rows(corpus: Corpus, block_size: int, packing: bool = False, name: str = "") -> Rows:
+    """Text cut into full blocks; chat data several conversations per row (`packing`) or one per row.
+    `name`: the source, for messages when there are several."""
+    of = f" of {name}" if name else ""
     if corpus.format == "chat":
         examples = Examples(corpus.train, block_size, packing)
         if len(examples) == 0:
             raise LmtuneError(
-                f"no training conversation has a response within --block-size {block_size}; pass a larger one"
+                f"no training conversation{of} has a response within --block-size {block_size}; pass a larger one"
             )
         return Rows(examples, examples.dropped, examples.conversations, examples.truncated, examples.skipped)
     blocks, dropped = pack(corpus.train.ids, block_size)
     if len(blocks) == 0:
         raise LmtuneError(
-            f"the training data has {len(corpus.train.ids)} tokens, fewer than one block of {block_size}; "
+            f"the training data{of} has {len(corpus.train.ids)} tokens, fewer than one block of {block_size}; "
             "pass a smaller --block-size or more data"
         )
     return Rows(Blocks(blocks), dropped)

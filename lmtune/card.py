@@ -18,6 +18,11 @@ PATH_KEYS = ("model", "tokenizer", "data", "validation_data")  # config keys tha
 def local_names(values: dict[str, Any]) -> dict[str, str]:
     """Each local path among a config's `values`, mapped to its file or folder name."""
     paths = [v for k in PATH_KEYS if isinstance(v := values.get(k), str) and looks_local(v)]
+    if isinstance(values.get("data"), list):  # several sources: each path, and each one's validation
+        for d in values["data"]:
+            paths += [
+                v for v in ([d] if isinstance(d, str) else [d["path"], d.get("validation")]) if v and looks_local(v)
+            ]
     return {path: Path(path).name or path for path in paths}
 
 
@@ -96,12 +101,14 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[st
     `answers`: the scores of `lmtune eval --generate`, shown in the card and in the header's model-index.
     """
     base = cfg.model if cfg.model and not looks_local(cfg.model) else None
-    dataset = {"wikitext": "Salesforce/wikitext"}.get(cfg.data or "", cfg.data)
+    hub = [
+        {"wikitext": "Salesforce/wikitext"}.get(d.path, d.path) for d in cfg.data_sources() if not looks_local(d.path)
+    ]
     header = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- lmtune"]
     if base:
         header.append(f"base_model: {base}")
-    if dataset and not looks_local(dataset):
-        header += ["datasets:", f"- {dataset.split(':')[0]}"]
+    if hub:
+        header += ["datasets:", *(f"- {name.split(':')[0]}" for name in hub)]
     if answers:
         header += yaml.safe_dump({"model-index": model_index(run.name, answers)}, sort_keys=False).splitlines()
     header.append("---")
@@ -113,7 +120,7 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[st
         "",
         f"# {run.name}",
         "",
-        f"A causal language model {start} on `{cfg.data}` with lmtune, "
+        f"A causal language model {start} on {' + '.join(f'`{d.path}`' for d in cfg.data_sources())} with lmtune, "
         f"{summary['steps']} steps, {summary['train_tokens']:,} tokens, {summary['parameters']:,} parameters.",
         "",
         "## Results",
@@ -126,6 +133,7 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[st
         f"{summary['base_eval_bits_per_byte']:.4f} |",
         f"| after | {summary['eval_loss']:.4f} | {summary['eval_perplexity']:.2f} | {summary['eval_bits_per_byte']:.4f} |",
         "",
+        *source_table(summary.get("sources", [])),
         f"![training curves]({runs.CURVES})",
         "",
         *(answers_section(answers, run) if answers else []),
@@ -155,6 +163,24 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[st
     ])  # fmt: skip
     # The model, the data and the validation source are absolute paths by now: names only, in all three places.
     return hide_paths(card, local_names(cfg.model_dump()))
+
+
+def source_table(sources: list[dict[str, Any]]) -> list[str]:
+    """Several sources: each one's share, tokens trained on and final scores (the table above is their whole)."""
+    if len(sources) < 2:
+        return []
+    rows = [
+        f"| {s['name']} | {100 * s['share']:.1f}% | {s['train_tokens']:,} | {s['eval_loss']:.4f} | {s['eval_perplexity']:.2f} |"
+        for s in sources
+    ]
+    return [
+        "By source:",
+        "",
+        "| source | share | tokens trained on | loss | perplexity |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
 
 
 def model_index(name: str, answers: dict[str, Any]) -> list[dict[str, Any]]:

@@ -94,7 +94,8 @@ def finetune(
     lora_alpha: Annotated[int | None, opt("lora_alpha", rich_help_panel=LORA)] = None,
     lora_dropout: Annotated[float | None, opt("lora_dropout", rich_help_panel=LORA)] = None,
     lora_targets: Annotated[str | None, opt("lora_targets", rich_help_panel=LORA)] = None,
-    data: Annotated[str | None, opt("data", "-d", rich_help_panel=DATA)] = None,
+    data: Annotated[list[str] | None, opt("data", "-d", rich_help_panel=DATA, metavar="TEXT")] = None,
+    data_weights: Annotated[str | None, opt("data_weights", rich_help_panel=DATA)] = None,
     text_column: Annotated[str | None, opt("text_column", rich_help_panel=DATA)] = None,
     data_format: Annotated[str | None, opt("data_format", rich_help_panel=DATA)] = None,
     validation_data: Annotated[str | None, opt("validation_data", rich_help_panel=DATA)] = None,
@@ -136,6 +137,7 @@ def finetune(
     """Fine-tune MODEL on --data (or train a new model with --from-scratch) and save a run folder.
 
     Examples:  lmtune finetune gpt2 --data wikitext  |  lmtune finetune ./base --data corpus.txt lr=1e-4
+    |  lmtune finetune ./base --data chat.jsonl --data books.txt --data-weights 3,1
     """
     flags = {k: v for k, v in locals().items() if k in config.Config.model_fields}
     models = [a for a in args or [] if "=" not in a]

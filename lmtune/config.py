@@ -11,13 +11,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtune.errors import LmtuneError, first_line
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A wheel install carries the recipes inside the package (see pyproject.toml).
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class DataSource(BaseModel):
+    """One entry of a recipe's `data:` list; unset keys take the run's own (--text-column, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+    path: str
+    """A hub dataset, a file, a folder, or a folder written by lmtune prepare."""
+    weight: float | None = Field(None, gt=0)
+    """Relative share of the training tokens. Default: by size (each source once per epoch)."""
+    text_column: str | None = None
+    """Column that holds the text in tabular data."""
+    format: Literal["auto", "text", "chat"] | None = None
+    """text, chat or auto, as --data-format."""
+    validation: str | None = None
+    """This source's validation data, as --validation-data."""
 
 
 class Config(BaseModel):
@@ -64,8 +81,10 @@ class Config(BaseModel):
     """Comma-separated module names to adapt, or all-linear: every linear layer but the output head (GPT-2: c_attn, c_proj, c_fc)."""
 
     # --- data ---
-    data: str | None = None
-    """Training data: 'wikitext', a hub dataset as name or name:config, or a .txt/.jsonl/.json/.csv/.parquet file or folder."""
+    data: str | list[str | DataSource] | None = None
+    """Training data: 'wikitext', a hub dataset as name or name:config, or a .txt/.jsonl/.json/.csv/.parquet file or folder. Give it more than once to mix several."""
+    data_weights: list[float] | None = None
+    """Relative weights of several --data, one each, as shares of the training tokens: 3,1. Default: by size (each once per epoch)."""
     text_column: str = "text"
     """Column that holds the text in tabular data."""
     data_format: Literal["auto", "text", "chat"] = "auto"
@@ -125,6 +144,69 @@ class Config(BaseModel):
     push_to_hub: str | None = None
     """Upload the finished run folder to this hub repo (user/name; created private), with your hub token."""
 
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_source_is_a_string(cls, value: Any) -> Any:
+        """A list of one plain path is that path: `--data a` given once, or `data: [a]`."""
+        if isinstance(value, list | tuple) and len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        return value
+
+    @field_validator("data_weights", mode="before")
+    @classmethod
+    def _weights_from_text(cls, value: Any) -> Any:
+        """--data-weights 3,1 (or YAML's [3, 1], or 3,1 read by YAML as a string)."""
+        if isinstance(value, str):
+            try:
+                return [float(w) for w in value.split(",")]
+            except ValueError:
+                raise ValueError("give one number per --data, separated by commas: 3,1") from None
+        if isinstance(value, int | float):
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _sources_agree(self) -> Config:
+        n = len(self.data) if isinstance(self.data, list) else 1
+        if self.data_weights is not None:
+            if n < 2:
+                raise ValueError("--data-weights mixes several --data; give --data more than once")
+            if len(self.data_weights) != n:
+                raise ValueError(f"{len(self.data_weights)} weights for {n} --data; give one weight per --data")
+            if any(not w > 0 for w in self.data_weights):
+                raise ValueError("each weight must be a number above 0")
+            if isinstance(self.data, list) and any(isinstance(d, DataSource) and d.weight for d in self.data):
+                raise ValueError("give weights either in --data-weights or in the data list, not both")
+        if n > 1 and self.validation_data:
+            raise ValueError(
+                "--validation-data with several --data is ambiguous: give each its own in a recipe "
+                "(data: [{path: a, validation: a-valid}, ...])"
+            )
+        return self
+
+    def data_sources(self) -> list[DataSource]:
+        """Every --data as a DataSource, each setting it does not give taken from the run's."""
+        items = self.data if isinstance(self.data, list) else [self.data] if self.data else []
+        weights: list[float | None] = [*self.data_weights] if self.data_weights else [None] * len(items)
+        out = []
+        for item, weight in zip(items, weights, strict=True):
+            d = item if isinstance(item, DataSource) else DataSource(path=item)
+            out.append(
+                DataSource(
+                    path=d.path,
+                    weight=d.weight or weight,
+                    text_column=d.text_column or self.text_column,
+                    format=d.format or self.data_format,
+                    validation=d.validation or self.validation_data,
+                )
+            )
+        return out
+
+    @property
+    def data_label(self) -> str:
+        """The data in a few words, for names and messages: the source, or the sources joined by +."""
+        return "+".join(d.path for d in self.data_sources())
+
     @model_validator(mode="after")
     def _shape_fits(self) -> Config:
         if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
@@ -151,7 +233,7 @@ FIELDS = list(Config.model_fields)
 # exactly one of the two (tests/test_config.py), so a new field is classified when it is added.
 RESUME_MUST_MATCH = (
     "model", "from_scratch", "tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "dtype",
-    "dropout", "data", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents",
+    "dropout", "data", "data_weights", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents",
     "block_size", "streaming", "packing", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank",
     "lora_alpha", "lora_dropout", "lora_targets",
 )  # fmt: skip
@@ -164,12 +246,24 @@ RESUME_MAY_CHANGE = (
 
 def absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute, so the saved config.yaml (and `lmtune eval`) works from any folder."""
-    update = {
-        key: str(Path(value).expanduser().resolve())
+    update: dict[str, Any] = {
+        key: absolute(value)
         for key in ("model", "tokenizer", "data", "validation_data")
-        if (value := getattr(cfg, key)) and Path(value).expanduser().exists()
+        if isinstance(value := getattr(cfg, key), str)
     }
+    if isinstance(cfg.data, list):
+        update["data"] = [absolute(d) if isinstance(d, str) else absolute_source(d) for d in cfg.data]
     return cfg.model_copy(update=update)
+
+
+def absolute_source(d: DataSource) -> DataSource:
+    validation = absolute(d.validation) if d.validation else None
+    return d.model_copy(update={"path": absolute(d.path), "validation": validation})
+
+
+def absolute(value: str) -> str:
+    """A local path made absolute; anything else (a hub name) as it is."""
+    return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
 
 
 def help_for(key: str) -> str:
@@ -185,7 +279,7 @@ def suggest(key: str) -> str:
 def build(recipe: str | None = None, flags: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the recipe, then flags, then `key=value` overrides; every problem reported at once."""
     values: dict[str, Any] = dict(load_recipe(recipe)) if recipe else {}
-    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    values.update({k: v for k, v in (flags or {}).items() if v is not None and v != []})
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")

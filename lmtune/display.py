@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,12 +42,7 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     rows = [
         ("model", f"{plan['model']} ({human(plan['parameters'])} parameters)"),
         ("training", trainable_row(plan)),
-        ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)"),
-        (
-            "training tokens",
-            f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else ""),
-        ),
-        data_row(plan),
+        *data_rows(plan),
         (
             "validation",
             f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} documents: {plan['validation']}",
@@ -73,8 +69,37 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     return t
 
 
+def data_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the training data is: its documents and tokens (a stream: read as training goes), each source's
+    share when there are several, and how it is cut into rows."""
+    if plan.get("streaming"):
+        rows = [("documents", "streamed: read and tokenized as training takes them, so not counted ahead")]
+    else:
+        rows = [
+            ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)"),
+            (
+                "training tokens",
+                f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else ""),
+            ),
+        ]
+    sources = plan.get("sources", [])
+    if len(sources) > 1:
+        for s in sources:
+            tokens = "" if s["epoch_tokens"] is None else f", {s['epoch_tokens']:,} tokens an epoch"
+            seen = "" if s["epoch_tokens"] is None else f", seen {s['times_seen']:.2f}x"
+            rows.append(
+                (
+                    f"  {escape(s['name'])}",
+                    f"{s['format']}, {100 * s['share']:.1f}% of the training tokens{tokens}{seen}",
+                )
+            )
+    return [*rows, data_row(plan)]
+
+
 def data_row(plan: dict[str, Any]) -> tuple[str, str]:
     """How the training data is cut: packed blocks of text, or one conversation per row."""
+    if plan.get("streaming"):
+        return "blocks", f"of {plan['block_size']} tokens, packed from the stream as training takes them"
     if plan["data_format"] != "chat":
         return "blocks", (
             f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"
@@ -168,8 +193,10 @@ class Display:
             else:
                 self.print(f"step {event['step']}  {self.info}")
         elif kind == "eval":
+            per_source = "  ".join(f"{escape(one['name'])} {one['eval_loss']:.4f}" for one in event.get("sources", []))
             self.print(
                 f"[cyan]eval[/] step {event['step']}: loss {event['eval_loss']:.4f}  perplexity {event['eval_perplexity']:.2f}"
+                + (f"  (by source: {per_source})" if per_source else "")
             )
 
     def _phase(self, event: dict[str, Any]) -> None:

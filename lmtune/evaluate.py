@@ -19,7 +19,9 @@ import torch
 
 from lmtune import batches, data, loss, runs
 from lmtune.config import Config, build
-from lmtune.data import Split
+from lmtune.data import plan as data_plan
+from lmtune.data import streaming
+from lmtune.data.types import DataPlan, SourcePlan, Split
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report
 from lmtune.generate import load
@@ -46,6 +48,13 @@ class Score:
     def bits_per_byte(self) -> float:
         """Bits per UTF-8 byte of text: loss in bits times tokens per byte. Comparable across tokenizers."""
         return self.loss / math.log(2) * self.stream_tokens / self.bytes
+
+    @classmethod
+    def total(cls, scores: list[Score]) -> Score:
+        """Several scores as one: the token-weighted whole (summed NLL over summed tokens)."""
+        if len(scores) == 1:
+            return scores[0]
+        return cls(*(sum(getattr(s, f) for s in scores) for f in ("tokens", "nll", "stream_tokens", "bytes")))
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -183,6 +192,18 @@ def trained_block_size(run: Path) -> int:
     return value
 
 
+def validation_name(src: SourcePlan) -> str:
+    """The data a source's validation is, for the output: its validation data, else the source's own name."""
+    return src.validation_data if src.validation == "data" and src.validation_data else src.data
+
+
+def run_validation(plan: DataPlan, cfg: Config, tokenizer: Any, report: Report) -> list[Split]:
+    """A run folder's validation data, each source's exactly as its plan held it out."""
+    if cfg.streaming:
+        return [c.validation for c in streaming.validation_corpora(plan, tokenizer, report)]
+    return [c.validation for c in data.load_corpora(plan, tokenizer, report)]
+
+
 def evaluate_models(
     models: list[str],
     data_spec: str | None,
@@ -201,7 +222,8 @@ def evaluate_models(
     if data_spec is None and run is None:
         raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")
     run_cfg = build(str(run / runs.CONFIG)) if run else None
-    streams: dict[str, Split] = {}  # --data tokenized once per tokenizer: a run and its base share one
+    run_plan = data_plan.read(run, run_cfg) if run and run_cfg else None
+    streams: dict[str, list[Split]] = {}  # the data tokenized once per tokenizer: a run and its base share one
     results = []
     for name in models:
         report({"event": "phase", "phase": f"loading {name}"})
@@ -211,22 +233,31 @@ def evaluate_models(
         step = stride or window
         if step > window:
             raise LmtuneError(f"--stride {step} is longer than the block size of {window}; use at most {window}")
+        key = data.tokenizer_fingerprint(tok)
         if data_spec:
-            key = data.tokenizer_fingerprint(tok)
             if key not in streams:
-                streams[key] = data.eval_split(data_spec, Config(text_column=text_column), tok, report)
-            split, where = streams[key], data_spec
+                streams[key] = [data.eval_split(data_spec, Config(text_column=text_column), tok, report)]
+            splits, where = streams[key], data_spec
         else:
-            assert run and run_cfg
-            split = data.load_corpus(run_cfg, tok, report).validation
-            where = f"the validation data of {run} ({run_cfg.data})"
-        if len(split.ids) < 2:
+            assert run and run_cfg and run_plan
+            if key not in streams:
+                streams[key] = run_validation(run_plan, run_cfg, tok, report)
+            splits = streams[key]
+            where = f"the validation data of {run} ({'; '.join(map(validation_name, run_plan.sources))})"
+        if sum(len(split.ids) for split in splits) < 2:
             raise LmtuneError(f"{where} is shorter than 2 tokens; nothing to score")
-        packing = split.starts is not None and batches.packing_works(net)  # chat: as fast as training scores it
-        s = score(net, split, window, step, batch_size, report=report, packing=packing)
-        results.append({
+        # Chat: packed as training scores it (much faster); each source alone, then their token-weighted whole.
+        packing = any(split.starts is not None for split in splits) and batches.packing_works(net)
+        scores = [score(net, split, window, step, batch_size, report=report, packing=packing) for split in splits]
+        s = Score.total(scores)
+        result: dict[str, Any] = {
             "model": name, "data": where, **s.as_dict(), "context": window, "stride": step,
             "tokenizer": Path(str(tok.name_or_path)).name, "vocab": len(tok),
             "model_context": context_length(net), "perplexity_kind": describe(tok, window, step),
-        })  # fmt: skip
+        }  # fmt: skip
+        if len(scores) > 1 and run_plan:
+            result["sources"] = [
+                {"name": src.name, **one.as_dict()} for src, one in zip(run_plan.sources, scores, strict=True)
+            ]
+        results.append(result)
     return results

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
-from lmtune import atomic, data, runs
+from lmtune import atomic, runs
 from lmtune.config import Config
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report
@@ -242,23 +240,24 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def get_tokenizer(cfg: Config, report: Report) -> Any:
-    """The given tokenizer, the model's own, or (from scratch with neither) one trained on the data, cached."""
+def get_tokenizer(cfg: Config) -> Any:
+    """The given tokenizer, or the model's own (from scratch with neither: `trained_tokenizer`)."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-    if cfg.model:
-        return load_tokenizer(cfg.model, cfg.trust_remote_code, what="model")
-    key_parts = [data.identity(cfg.data), cfg.text_column, cfg.txt_documents, cfg.vocab_size]
-    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
+    assert cfg.model, "the caller trains a tokenizer when there is neither"
+    return load_tokenizer(cfg.model, cfg.trust_remote_code, what="model")
+
+
+def trained_tokenizer(texts: Callable[[], Iterable[str]], key: str, vocab_size: int, report: Report) -> Any:
+    """A tokenizer trained on `texts` (the training documents, handed in by the data layer), cached under `key`.
+
+    Trained on the training split; when validation is held out of it later, its documents were seen by the
+    tokenizer (only the vocabulary, never the model), as in most from-scratch recipes.
+    """
     folder = runs.home() / "tokenizers" / key
     if not folder.is_dir():
         report({"event": "phase", "phase": "training a tokenizer"})
-        assert cfg.data, "checked by the caller"
-        docs = data.train_split(data.read_documents(cfg.data, cfg), cfg.data)
-        texts = [d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in docs]
-        # Trained on the training split; when validation is held out of it later, its documents were
-        # seen by the tokenizer (only the vocabulary, never the model), as in most from-scratch recipes.
-        tok = train_tokenizer(texts, cfg.vocab_size)
+        tok = train_tokenizer(texts(), vocab_size)
         with atomic.written_beside(folder, folder=True) as tmp:
             tok.save_pretrained(tmp)
     return load_tokenizer(str(folder))

@@ -53,7 +53,7 @@ def default_output(cfg: Config) -> Path:
         return re.sub(r"[^A-Za-z0-9]+", "-", Path(name or "scratch").stem).strip("-") or "run"
 
     start = "scratch" if cfg.from_scratch and not cfg.model else short(cfg.model)
-    return Path("runs") / f"{start}-{short(cfg.data)}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path("runs") / f"{start}-{short(cfg.data_label)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def check_output(

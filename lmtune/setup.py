@@ -25,11 +25,13 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lmtune import batches, checkpoint, data, hub, lora, loss, runs, stream
+from lmtune import batches, checkpoint, data, hub, lora, loss, mixture, runs
 from lmtune.config import Config, absolute_paths
+from lmtune.data import plan as data_plan
+from lmtune.data import streaming
 from lmtune.errors import LmtuneError
 from lmtune.events import Report, silent
-from lmtune.model import get_tokenizer, load_model, load_tokenizer, parameter_count, resolve_block_size
+from lmtune.model import load_model, load_tokenizer, parameter_count, resolve_block_size
 
 log = logging.getLogger("lmtune")
 
@@ -48,7 +50,9 @@ class Run:
     scheduler: Any
     loader: Any  # batches of (inputs, labels, real tokens)
     tokenizer: Any
-    validation: data.Split
+    data_plan: data.DataPlan  # what is trained on and held out, decided once; in the run folder as data_plan.json
+    validation: list[data.Split]  # each source's, in the plan's order
+    mixed: mixture.Mixed | None  # several sources (not streamed): their rows and how they are interleaved
     block_size: int  # tokens per training row and per evaluation window
     chunked: bool  # lmtune's chunked loss (False: transformers' own, for sharded or unusual models)
     fsdp: bool
@@ -69,6 +73,10 @@ def check_inputs(cfg: Config, dry_run: bool) -> tuple[Config, Path]:
     """The config with local paths made absolute, and the run folder; refused early when it cannot work."""
     if not cfg.data:
         raise LmtuneError("no training data: pass --data with a file, a folder or a hub dataset name")
+    if cfg.streaming and "epochs" in cfg.model_fields_set:
+        raise LmtuneError(
+            "--streaming takes --max-steps steps, reading a stream again when it ends; --epochs does not apply to it"
+        )
     if not cfg.model and not cfg.from_scratch:
         raise LmtuneError("no model: pass a hub id or a folder (lmtune finetune gpt2 ...), or --from-scratch")
     runs.check_home()  # caches and the latest run are written there: a bad LMTUNE_HOME fails now, not at the end
@@ -84,14 +92,21 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     accelerator = make_accelerator(cfg, output)
     set_seed(cfg.seed)
     say = report if accelerator.is_main_process else silent
+    if cfg.streaming and not cfg.max_steps:
+        raise LmtuneError("--streaming needs --max-steps: a stream has no length to count epochs by")
+    plan = data_plan.decide(cfg)  # what is trained on and held out, decided here once
     # Tokenize on the main process first; the others then read its cache.
     with accelerator.main_process_first():
-        tokenizer = load_tokenizer(str(resume_from)) if resume_from else get_tokenizer(cfg, say)
+        tokenizer = load_tokenizer(str(resume_from)) if resume_from else data.tokenizer_for(cfg, plan, say)
         # A stream is read as training goes: only its validation documents are tokenized now.
-        corpus = (
-            stream.validation_corpus(cfg, tokenizer, say) if cfg.streaming else data.load_corpus(cfg, tokenizer, say)
+        corpora = (
+            streaming.validation_corpora(plan, tokenizer, say)
+            if cfg.streaming
+            else data.load_corpora(plan, tokenizer, say)
         )
-    cfg = cfg.model_copy(update={"data_format": corpus.format})  # what auto found, saved in config.yaml
+    formats = {src.data_format for src in plan.sources}
+    if len(formats) == 1:  # what auto found, saved in config.yaml
+        cfg = cfg.model_copy(update={"data_format": formats.pop()})
     say({"event": "phase", "phase": "loading model"})
     if resume_from and not cfg.lora:
         # The checkpoint's weights, loaded exactly as the base model was (same dtype and dropout).
@@ -100,22 +115,22 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
         model = load_model(cfg, tokenizer)
     if cfg.lora:  # the base stays frozen; a new adapter trains, or the checkpoint's when resuming
         model = lora.add_adapter(model, cfg, resume_from)
-    block_size = resolve_block_size(cfg.block_size, model)
-    packing = cfg.packing and corpus.format == "chat" and packing_works(model, accelerator.is_main_process)
-    cfg = cfg.model_copy(update={"packing": packing})  # what was done, saved in config.yaml
-    if cfg.streaming:  # the blocks the run takes, in the stream's order
-        wanted = (cfg.max_steps or 0) * cfg.gradient_accumulation_steps * cfg.batch_size
-        blocks = stream.training_blocks(cfg, tokenizer, block_size, wanted)
-        rows = batches.Rows(blocks, 0)  # type: ignore[arg-type]  # Rows names the two map-style datasets; a stream is a third
-    else:
-        rows = batches.training_rows(corpus, block_size, packing)
-    if len(corpus.validation.ids) < 2:
-        raise LmtuneError("the validation data is shorter than 2 tokens; pass more --validation-data")
+    plan = rows_shape(cfg, plan, model, accelerator.is_main_process)
+    block_size = plan.block_size or 0
+    cfg = cfg.model_copy(update={"packing": plan.packing})  # what was done, saved in config.yaml
+    rows, mixed = training_rows(cfg, plan, corpora, tokenizer, block_size)
+    for src, corpus in zip(plan.sources, corpora, strict=True):
+        if len(corpus.validation.ids) < 2:
+            raise LmtuneError(f"the validation data of {src.name} is shorter than 2 tokens; pass more validation data")
     collate = partial(batches.pad_batch, pad_id=tokenizer.pad_token_id)
     # On a GPU, batches are built in page-locked memory, so their copy to the GPU (non_blocking, see
     # make_accelerator) runs while the CPU goes on queueing the step's kernels instead of waiting for it.
     pin = accelerator.device.type == "cuda"
-    loader = DataLoader(rows.dataset, cfg.batch_size, shuffle=not cfg.streaming, collate_fn=collate, pin_memory=pin)
+    # One source: shuffled by Accelerate's seedable sampler; several: in the mixture's order (shuffled within
+    # each source); a stream: in its order.
+    sampler = mixture.MixSampler(mixed) if mixed else None
+    shuffle = not cfg.streaming and sampler is None
+    loader = DataLoader(rows.dataset, cfg.batch_size, shuffle, sampler, collate_fn=collate, pin_memory=pin)
     # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     # The chunked loss reads the output weights outside the model's forward, which sharded models
@@ -138,14 +153,47 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
         num_warmup_steps=round(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    validation = [c.validation for c in corpora]
     run = Run(
-        cfg, output, accelerator, model, plain, optimizer, scheduler, loader, tokenizer, corpus.validation, block_size,
+        cfg, output, accelerator, model, plain, optimizer, scheduler, loader, tokenizer, plan, validation, mixed, block_size,
         chunked, accelerator.distributed_type == DistributedType.FSDP, total_steps,
         math.ceil(total_steps / steps_per_epoch), eval_every, cfg.save_every if cfg.save_every is not None else eval_every,
         {}, resume_from, say,
     )  # fmt: skip
-    run.plan = make_plan(run, corpus, rows, steps_per_epoch)
+    run.plan = make_plan(run, corpora, rows, steps_per_epoch)
     return run
+
+
+def training_rows(
+    cfg: Config, plan: data.DataPlan, corpora: list[data.Corpus], tokenizer: Any, block_size: int
+) -> tuple[batches.Rows, mixture.Mixed | None]:
+    """The rows the run trains on: one source's; several sources' mixed by weight; or a stream's blocks."""
+    if cfg.streaming:  # the blocks the run takes, in the streams' order
+        wanted = (cfg.max_steps or 0) * cfg.gradient_accumulation_steps * cfg.batch_size
+        blocks = streaming.StreamedBlocks(plan, tokenizer, block_size, wanted)
+        return batches.Rows(blocks, 0), None  # type: ignore[arg-type]  # Rows names the map-style datasets; a stream is another
+    parts = [
+        batches.training_rows(c, block_size, plan.packing or False, src.name)
+        for src, c in zip(plan.sources, corpora, strict=True)
+    ]
+    if len(parts) == 1:
+        return parts[0], None
+    weights = [s.weight for s in plan.sources]
+    mixed = mixture.Mixed(parts, None if weights[0] is None else weights, cfg.seed)  # type: ignore[arg-type]
+    rows = batches.Rows(
+        mixed, sum(p.dropped for p in parts), sum(p.conversations for p in parts),  # type: ignore[arg-type]
+        sum(p.truncated for p in parts), sum(p.skipped for p in parts),
+    )  # fmt: skip
+    return rows, mixed
+
+
+def rows_shape(cfg: Config, plan: data.DataPlan, model: Any, main: bool) -> data.DataPlan:
+    """The plan with its block size (--block-size, else the model's context, at most 1024) and whether chat data
+    is packed (asked, and the model keeps packed conversations apart). `model`: the model, or for text data
+    anything with its config (the block size reads only that)."""
+    block_size = resolve_block_size(cfg.block_size, model)
+    packing = cfg.packing and plan.chat and packing_works(model, main)
+    return data_plan.with_shape(plan, block_size, packing)
 
 
 def packing_works(model: Any, main: bool) -> bool:
@@ -188,10 +236,11 @@ def make_accelerator(cfg: Config, output: Path) -> Any:
     return accelerator
 
 
-def make_plan(run: Run, corpus: data.Corpus, rows: batches.Rows, steps_per_epoch: int) -> dict[str, Any]:
+def make_plan(run: Run, corpora: list[data.Corpus], rows: batches.Rows, steps_per_epoch: int) -> dict[str, Any]:
     """What the run will do, shown before it starts (and by --dry-run) and kept in summary.json."""
     cfg, acc = run.cfg, run.accelerator
     n_parameters, n_trainable = parameter_count(run.plain), lora.trainable_parameters(run.model)
+    streamed = cfg.streaming  # a stream's documents and tokens are not known before it is read
     return {
         "output": str(run.output),
         "model": cfg.model or "new GPT-2 shaped model",
@@ -203,26 +252,49 @@ def make_plan(run: Run, corpus: data.Corpus, rows: batches.Rows, steps_per_epoch
         "mixed_precision": acc.mixed_precision,
         "compile": cfg.compile,
         "processes": acc.num_processes,
-        "documents": corpus.train.documents,
-        "empty_documents": corpus.empty_documents,
-        "train_tokens_available": len(corpus.train.ids),
-        "data_format": corpus.format,
+        "streaming": streamed,
+        "documents": None if streamed else sum(c.train.documents for c in corpora),
+        "empty_documents": sum(c.empty_documents for c in corpora),
+        "train_tokens_available": None if streamed else sum(len(c.train.ids) for c in corpora),
+        "data_format": "+".join(sorted({c.format for c in corpora})),
         "block_size": run.block_size,
-        "blocks": len(rows.dataset),  # chat: rows of one conversation, or of several when packed
+        "blocks": None if streamed else len(rows.dataset),  # chat: rows of one conversation, or of several when packed
         "conversations": rows.conversations,
         "packing": run.cfg.packing,
         "tokens_dropped": rows.dropped,  # chat: cut from conversations longer than the block size
         "examples_truncated": rows.truncated,
         "examples_skipped": rows.skipped,  # chat: no response token left within the block
-        "validation": corpus.validation_source,
-        "validation_documents": corpus.validation.documents,
-        "validation_tokens": len(corpus.validation.ids),
+        "validation": "; ".join(c.validation_source for c in corpora),
+        "validation_documents": sum(c.validation.documents for c in corpora),
+        "validation_tokens": sum(len(c.validation.ids) for c in corpora),
+        "sources": source_rows(run, corpora),
         "steps_per_epoch": steps_per_epoch,
         "epochs": run.epochs,
         "total_steps": run.total_steps,
         "tokens_per_step": cfg.batch_size * run.block_size * cfg.gradient_accumulation_steps * acc.num_processes,
-        "data_from_cache": corpus.cached,
+        "data_from_cache": all(c.cached for c in corpora),
     }
+
+
+def source_rows(run: Run, corpora: list[data.Corpus]) -> list[dict[str, Any]]:
+    """Each source in the plan: its share of the training tokens, its tokens per epoch and how many times an epoch
+    sees it, and its validation."""
+    n = len(corpora)
+    given = [s.weight or 1.0 for s in run.data_plan.sources]  # streams without weights are refused by the plan
+    shares = list(run.mixed.shares) if run.mixed else [w / sum(given) for w in given]
+    epoch_tokens = (
+        run.mixed.epoch_tokens() if run.mixed else [None if run.cfg.streaming else len(c.train.ids) for c in corpora]
+    )
+    seen = run.mixed.times_seen() if run.mixed else [1.0] * n
+    return [
+        {
+            "data": src.data, "name": src.name, "form": src.form, "format": src.data_format,
+            "weight": src.weight, "share": float(share), "epoch_tokens": tokens, "times_seen": float(times),
+            "validation": corpus.validation_source, "validation_kind": src.validation,
+            "validation_tokens": len(corpus.validation.ids),
+        }
+        for src, corpus, share, tokens, times in zip(run.data_plan.sources, corpora, shares, epoch_tokens, seen, strict=True)
+    ]  # fmt: skip
 
 
 def resolve_precision(choice: str) -> str:

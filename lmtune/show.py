@@ -19,9 +19,10 @@ from rich.text import Text
 
 from lmtune import batches, data, loss
 from lmtune.config import Config, absolute_paths
-from lmtune.data import Split
+from lmtune.data.types import Split
+from lmtune.errors import LmtuneError
 from lmtune.events import Report
-from lmtune.model import from_pretrained, get_tokenizer, load_model, new_model_config, resolve_block_size
+from lmtune.model import from_pretrained, load_model, new_model_config
 
 log = logging.getLogger("lmtune")
 
@@ -50,12 +51,16 @@ class View:
 
 def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
     """The first `n` training rows of `cfg.data` with `cfg.model`'s tokenizer, as `finetune` would make them."""
-    given = cfg.data  # as the user wrote it, for the output
+    given = cfg.data_label  # as the user wrote it, for the output
     cfg = absolute_paths(cfg)  # the same token cache entry as the run's: this run prepares it
-    tokenizer = get_tokenizer(cfg, report)
-    corpus = data.load_corpus(cfg, tokenizer, report)
+    plan = data.decide(cfg)
+    if len(plan.sources) > 1:
+        raise LmtuneError("lmtune data show shows one source; give --data once")
+    tokenizer = data.tokenizer_for(cfg, plan, report)
+    corpus = data.load_corpus(plan.sources[0], tokenizer, report)
     chat = corpus.format == "chat"
-    block_size, packing = rows_shape(cfg, tokenizer, chat, report)
+    plan = rows_shape(cfg, plan, report)
+    block_size, packing = plan.block_size or 0, bool(plan.packing)
     if chat:
         for warning in template_warnings(corpus.train, tokenizer):
             log.warning(warning)
@@ -90,28 +95,27 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
     return view
 
 
-def rows_shape(cfg: Config, tokenizer: Any, chat: bool, report: Report) -> tuple[int, bool]:
-    """The block size and whether chat data is packed, decided as `setup.prepare` decides them.
+def rows_shape(cfg: Config, plan: data.DataPlan, report: Report) -> data.DataPlan:
+    """The plan's block size and packing, decided by the function training decides them with.
 
     Packing depends on the model (whether it keeps packed conversations apart), so for chat data with
     packing on the model is loaded as training loads it; otherwise its config is enough.
     """
-    if chat and cfg.packing:
-        from lmtune.setup import packing_works
+    from lmtune import setup
 
+    if plan.chat and cfg.packing:
         report({"event": "phase", "phase": "loading model"})
-        model = load_model(cfg, tokenizer)
-        return resolve_block_size(cfg.block_size, model), packing_works(model, True)
+        tokenizer = data.tokenizer_for(cfg, plan, report)
+        return setup.rows_shape(cfg, plan, load_model(cfg, tokenizer), True)
     if cfg.from_scratch:
-        config = new_model_config(cfg, tokenizer)
+        config = new_model_config(cfg, data.tokenizer_for(cfg, plan, report))
     else:
         from transformers import AutoConfig
 
         assert cfg.model, "checked by the caller"
         config = from_pretrained(AutoConfig, cfg.model, "model config", trust_remote_code=cfg.trust_remote_code)
-    # resolve_block_size reads only the model's config: no weights are needed to know its context.
-    holder: Any = SimpleNamespace(config=config)
-    return resolve_block_size(cfg.block_size, holder), False
+    # The block size reads only the model's config: no weights are needed to know its context.
+    return setup.rows_shape(cfg, plan, SimpleNamespace(config=config), True)
 
 
 def shown_row(

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 
 from lmtune import batches, card, checkpoint, hub, loss, runs
 from lmtune.config import Config
+from lmtune.data import plan as data_plan
 from lmtune.errors import LmtuneError
 from lmtune.evaluate import Score, score
 from lmtune.events import Report, log_report
@@ -99,8 +100,10 @@ def finetune(
     holds_folder = not dry_run and os.environ.get("RANK", "0") == "0"
     with runs.Lock(output) if holds_folder else contextlib.nullcontext(), StopSignals() as stop:
         if not dry_run:
-            inputs = {"model": cfg.model, "tokenizer": cfg.tokenizer, "data": cfg.data}
-            runs.check_output(output, cfg.model, overwrite, resume, {**inputs, "validation data": cfg.validation_data})
+            inputs = {"model": cfg.model, "tokenizer": cfg.tokenizer, "validation data": cfg.validation_data}
+            for d in cfg.data_sources():
+                inputs |= {f"data {d.path}": d.path, f"validation data {d.validation}": d.validation}
+            runs.check_output(output, cfg.model, overwrite, resume, inputs)
         resume_from = checkpoint.find_resume_checkpoint(output, report) if resume else None
         run = prepare(cfg, output, resume_from, report)
         if dry_run:
@@ -108,7 +111,7 @@ def finetune(
         run.say({"event": "plan", **run.plan})
         saved, tensors = checkpoint.load(resume_from) if resume_from else ({}, {})
         if saved:
-            held_out = "held out" in run.plan["validation"]  # not a file or split of its own
+            held_out = any(src.validation == "held_out" for src in run.data_plan.sources)
             acc = run.accelerator
             checkpoint.check_resumable(saved, run.cfg, acc.num_processes, run.fsdp, held_out, output, force)
         start_run_folder(run, saved, overwrite)
@@ -128,6 +131,7 @@ def start_run_folder(run: Run, saved: dict[str, Any], overwrite: bool) -> None:
         if overwrite:
             runs.clear(run.output)
         (run.output / runs.CONFIG).write_text(run.cfg.to_yaml())
+        data_plan.write(run.data_plan, run.output)  # what `eval`, `eval --generate` and resume read back
         if saved:  # what was logged after the checkpoint will be logged again
             checkpoint.keep_metrics_until(run.output / runs.METRICS, saved["step"])
     if run.cfg.report_to != "none":  # the tracker's run: RUN/lmtune/ for tensorboard, project "lmtune" for wandb
@@ -277,23 +281,56 @@ def record(run: Run, event: dict[str, Any]) -> None:
             f.write(json.dumps(event) + "\n")
     if run.cfg.report_to != "none":
         numbers = {k: v for k, v in event.items() if k not in ("event", "step") and isinstance(v, int | float)}
+        for one in event.get("sources", []):  # eval_loss/NAME: a curve per source
+            numbers |= {f"{k}/{one['name']}": v for k, v in one.items() if k.startswith("eval_")}
         run.accelerator.log(numbers, step=event["step"])
     run.say(event)
 
 
 def evaluate(run: Run, p: Progress) -> Score:
-    """Score the validation data (windows split across processes) and record it. Step 0: before training."""
+    """Score the validation data (each source's) and record it; returns the token-weighted whole."""
+    return evaluate_sources(run, p)[0]
+
+
+def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score]]:
+    """Score each source's validation data (windows split across processes) and record it, with the
+    token-weighted whole. Step 0: before training."""
     acc = run.accelerator
-    # FSDP's wrapper gathers the weights in its forward (FSDP 1 only unwraps to a module of shards).
-    s = score(
-        run.model if run.fsdp else run.plain, run.validation, run.block_size, run.block_size,
-        run.cfg.batch_size, rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast,
-        reduce=lambda t: acc.reduce(t, "sum"), report=run.say, chunked=run.chunked, packing=run.cfg.packing,
-    )  # fmt: skip
+    scores = [
+        # FSDP's wrapper gathers the weights in its forward (FSDP 1 only unwraps to a module of shards).
+        score(
+            run.model if run.fsdp else run.plain,
+            split,
+            run.block_size,
+            run.block_size,
+            run.cfg.batch_size,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            autocast=acc.autocast,
+            reduce=lambda t: acc.reduce(t, "sum"),
+            report=run.say,
+            chunked=run.chunked,
+            packing=run.cfg.packing,
+        )
+        for split in run.validation
+    ]
+    s = Score.total(scores)
     if p.step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
         raise non_finite(run.output, run.cfg.learning_rate, f"the evaluation loss became {s.loss} at step {p.step}")
-    record(run, {"event": "eval", "step": p.step, "tokens": p.tokens_seen, "eval_loss": s.loss, "eval_perplexity": s.perplexity})  # fmt: skip
-    return s
+    event = {
+        "event": "eval",
+        "step": p.step,
+        "tokens": p.tokens_seen,
+        "eval_loss": s.loss,
+        "eval_perplexity": s.perplexity,
+    }
+    if len(scores) > 1:  # each source's own figures beside the whole (a curve each in TensorBoard)
+        event["sources"] = [
+            {"name": src.name, "eval_loss": one.loss, "eval_perplexity": one.perplexity, "eval_tokens": one.tokens}
+            for src, one in zip(run.data_plan.sources, scores, strict=True)
+        ]
+    record(run, event)
+    return s, scores
 
 
 def check_finite(run: Run, p: Progress) -> None:
@@ -354,7 +391,7 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
     A signal from here on finishes the run: saving it takes as long as the checkpoint a signal asks for.
     """
     acc = run.accelerator
-    final = evaluate(run, p)
+    final, per_source = evaluate_sources(run, p)
     check_weights(run, p)
     weights = checkpoint.whole_weights(acc, run.model)
     acc.wait_for_everyone()
@@ -364,6 +401,7 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
         "eval_perplexity": final.perplexity, "eval_bits_per_byte": final.bits_per_byte, "base_eval_loss": base.loss,
         "base_eval_perplexity": base.perplexity, "base_eval_bits_per_byte": base.bits_per_byte,
         "resumed_from": str(run.resume_from) if run.resume_from else None, **peak_memory(acc.device),
+        "sources": finished_sources(run, p, per_source),
     }  # fmt: skip
     if run.main:
         try:
@@ -390,6 +428,39 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
     # Told to the user, not kept in summary.json: a signal that came after the last step.
     summary["finished_despite"] = signal.Signals(stop.signal).name if stop.signal else None
     return summary
+
+
+def finished_sources(run: Run, p: Progress, scores: list[Score]) -> list[dict[str, Any]]:
+    """Each source's figures for summary.json, in --data order: its share, the real tokens trained on, and
+    its validation's size and scores (the last evaluation's)."""
+    trained = source_tokens(run, p)
+    return [
+        {
+            "data": src.data, "name": src.name, "weight": src.weight, "share": planned["share"],
+            "train_tokens": int(tokens), "validation_tokens": len(split.ids), "eval_tokens": s.tokens,
+            "eval_loss": s.loss, "eval_perplexity": s.perplexity, "eval_bits_per_byte": s.bits_per_byte,
+        }
+        for src, planned, tokens, split, s in zip(
+            run.data_plan.sources, run.plan["sources"], trained, run.validation, scores, strict=True
+        )
+    ]  # fmt: skip
+
+
+def source_tokens(run: Run, p: Progress) -> list[int]:
+    """The real tokens trained on from each source: of one, all of them; of several, counted from the mixture's
+    order up to where the run got (each epoch's rows in order, every process's batches)."""
+    if len(run.data_plan.sources) == 1:
+        return [p.tokens_seen]
+    per_process = run.cfg.batch_size * run.accelerator.num_processes
+    if run.mixed is None:  # streams: blocks of equal size, taken by the weighted round robin
+        blocks = p.step * run.cfg.gradient_accumulation_steps * per_process
+        weights = [src.weight or 1.0 for src in run.data_plan.sources]
+        counts = [0] * len(weights)
+        for _ in range(blocks):
+            counts[min(range(len(weights)), key=lambda k: (counts[k] / weights[k], k))] += 1
+        return [c * run.block_size for c in counts]
+    total = sum(run.mixed.tokens_by_source(e, len(run.mixed)) for e in range(p.epoch))
+    return list(total + run.mixed.tokens_by_source(p.epoch, p.batch_in_epoch * per_process))
 
 
 # --- the pieces they use -----------------------------------------------------------------------------
