@@ -577,8 +577,10 @@ def score_models(
         for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in results:
-            row = (f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")
-            table.add_row(r["model"], *row)
+            # A run of several sources: its whole (token-weighted, as training reports it), then each source's.
+            for name, f in [(r["model"], r), *((f"  {escape(one['name'])}", one) for one in r.get("sources", []))]:
+                row = (f"{f['tokens']:,}", f"{f['loss']:.4f}", f"{f['perplexity']:.2f}", f"{f['bits_per_byte']:.4f}")
+                table.add_row(name, *row)
         console.print(table)
         for r in results:
             console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")

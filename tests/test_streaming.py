@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 from conftest import kill_self_on_call, read_json, sentences
 
-from lmtune import batches, data, stream
+import itertools
+
+from lmtune import batches, data
+from lmtune.data import plan as data_plan
+from lmtune.data import streaming
 from lmtune.config import Config
 from lmtune.model import load_tokenizer
 
@@ -26,12 +30,18 @@ def stream_file(tmp_path):
 def test_streamed_blocks_are_the_blocks_of_the_prepared_data(tiny_model, stream_file):
     tok = load_tokenizer(str(tiny_model))
     cfg = Config(data=str(stream_file), streaming=True, max_steps=10)
-    blocks = [ids.numpy() for ids, _, _ in stream.training_blocks(cfg, tok, 32, rows=10**6)]
-    prepared, _ = batches.pack(data.load_corpus(cfg, tok, lambda e: None).train.ids, 32)
-    assert len(blocks) == len(prepared) > 100 and np.array_equal(np.stack(blocks), prepared)
+    plan = data_plan.decide(cfg)
+    prepared, _ = batches.pack(
+        data.load_corpus(cfg.model_copy(update={"streaming": False}), tok, lambda e: None).train.ids, 32
+    )
+    # The stream is read again when it ends: its first pass is the prepared blocks, then they start over.
+    streamed = streaming.StreamedBlocks(plan, tok, 32, rows=10**6)
+    blocks = [ids.numpy() for ids, _, _ in itertools.islice(streamed, 2 * len(prepared))]
+    assert len(prepared) > 100 and np.array_equal(np.stack(blocks), np.concatenate([prepared, prepared]))
     # Validation: the held-out documents of the same hash split, the first of the stream.
-    validation = stream.validation_corpus(cfg, tok, lambda e: None).validation
-    assert np.array_equal(validation.ids, data.load_corpus(cfg, tok, lambda e: None).validation.ids)
+    validation = streaming.validation_corpora(plan, tok, lambda e: None)[0].validation
+    whole = data.load_corpus(cfg.model_copy(update={"streaming": False}), tok, lambda e: None)
+    assert np.array_equal(validation.ids, whole.validation.ids)
 
 
 def test_streaming_needs_max_steps(cli, tiny_model, stream_file):

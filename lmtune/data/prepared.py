@@ -87,7 +87,8 @@ def read_prepared(folder: Path, tokenizer: Any) -> Corpus:
         raise LmtuneError(
             f"prepared data {folder} is damaged ({err}); prepare it again with lmtune prepare ... --overwrite"
         ) from None
-    if tokenizer_fingerprint(tokenizer) not in fingerprints:
+    own = {tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(tokenizer, template=corpus.format == "chat")}
+    if not own & set(fingerprints):
         raise LmtuneError(
             f"{folder} holds tokens of another tokenizer than this run's ({tokenizer.name_or_path}); train with the "
             f"one it was made with (--tokenizer {folder / PREPARED_TOKENIZER}), or prepare the data for this one: "

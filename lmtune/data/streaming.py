@@ -102,7 +102,11 @@ class StreamedBlocks(IterableDataset):  # type: ignore[type-arg]
         while True:
             passes += 1
             if passes > 1:
-                log.info("the stream of %s ended; reading it again from its start (pass %d)", src.name, passes)
+                log.warning(
+                    "the stream of %s ended before the run's last step; reading it again from its start (pass %d)",
+                    src.name,
+                    passes,
+                )
             carry = np.zeros(0, dtype)  # tokens after the last full block
             found = False
             for docs, _ in open_stream(src).read():

@@ -226,7 +226,8 @@ def write_streams(src: SourcePlan, tokenizer: Any, report: Report, folder: Path,
         "format": "chat" if chat else "text",
         "overlap_warning": warning,
         # The tokenizer as it was, and (chat) with the template it was given: either reads these tokens.
-        "tokenizer": sorted({fingerprint, tokenizer_fingerprint(tokenizer)}),
+        # Text: any template (a chat source mixed in may have given it one).
+        "tokenizer": sorted({fingerprint, tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(tokenizer, chat)}),
         "data": {key: getattr(src, key) for key in SOURCE_KEYS},
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": checksum(p)} for p in sorted(folder.glob("*.npy"))},
         **counts,
@@ -265,7 +266,7 @@ def cache_key(src: SourcePlan, tokenizer: Any) -> str:
         src.txt_documents,
         src.validation_percent,
         src.data_format,
-        tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint(tokenizer, template=src.data_format == "chat"),
     ]
     return hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
 

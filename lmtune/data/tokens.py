@@ -33,11 +33,13 @@ MAX_PIECE_CHARS = 100_000
 CUT = re.compile(r"(?<=\S)\s(?=\S)")
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any, template: bool = True) -> str:
+    """What decides a tokenizer's tokens: its vocabulary and rules, its EOS, and (template: for chat data) its
+    chat template; text data is the same tokens whatever the template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    template = getattr(tokenizer, "chat_template", None)  # decides how chat data is written
-    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}|{template}".encode()).hexdigest()
+    chat_template = getattr(tokenizer, "chat_template", None) if template else None
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}|{chat_template}".encode()).hexdigest()
 
 
 def tokenize(
