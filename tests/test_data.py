@@ -11,6 +11,7 @@ import pytest
 from conftest import WORDS
 
 from lmtune import batches, data
+from lmtune.data import sources, tokens
 from lmtune.config import Config
 from lmtune.errors import LmtuneError
 from lmtune.model import load_tokenizer
@@ -169,7 +170,7 @@ def test_hub_datasets_use_their_splits_and_columns(tok, monkeypatch):
         }
     )
     asked = []
-    monkeypatch.setattr(data, "_hub_dataset", lambda name, config: asked.append((name, config)) or fake)
+    monkeypatch.setattr(sources, "_hub_dataset", lambda name, config: asked.append((name, config)) or fake)
     corpus = data.load_corpus(cfg(data="wikitext"), tok, lambda e: None)
     assert asked[0] == ("Salesforce/wikitext", "wikitext-2-raw-v1")  # the alias
     assert corpus.train.documents == 2 and corpus.empty_documents == 1
@@ -181,7 +182,7 @@ def test_hub_datasets_use_their_splits_and_columns(tok, monkeypatch):
 
 
 def test_offline_hub_dataset_is_one_clear_error():
-    data._hub_dataset.cache_clear()
+    sources._hub_dataset.cache_clear()
     with pytest.raises(LmtuneError, match="cannot load hub dataset `nobody/nothing`"):
         data.read_documents("nobody/nothing", cfg())
 
@@ -360,8 +361,8 @@ def test_the_same_file_for_training_and_validation_is_flagged_in_a_real_run(cli,
 
 
 def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids_with_progress(tok, monkeypatch):
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 300)
-    monkeypatch.setattr(data, "BATCH_CHARS", 1000)
+    monkeypatch.setattr(tokens, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 1000)
     r = random.Random(0)
     # Words with every kind of space between them: runs of spaces, newlines, tabs, a space before a newline.
     gaps = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", "   "]

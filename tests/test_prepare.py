@@ -16,7 +16,9 @@ import pytest
 from conftest import WORDS, kill_self_on_call, sentences
 
 from lmtune import data
+from lmtune.data import sources, streams, tokens, types
 from lmtune.config import Config
+from lmtune.errors import LmtuneError
 from lmtune.model import load_tokenizer
 
 
@@ -48,16 +50,16 @@ def test_txt_files_are_read_a_piece_at_a_time_into_the_documents_of_the_whole_te
         for mode in ("paragraph", "line", "file"):
             whole = data.split_txt(path.read_text(), mode)
             for piece in (1, 2, 3, 7, 64, 1000):
-                monkeypatch.setattr(data, "READ_CHARS", piece)
+                monkeypatch.setattr(sources, "READ_CHARS", piece)
                 read = [d for docs, _ in data.txt_documents(path, mode) for d in docs]
                 assert read == whole, (mode, piece, ending)
 
 
 def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_CHARS", 10)
+    monkeypatch.setattr(sources, "READ_CHARS", 10)
     path = tmp_path / "d.txt"
     path.write_bytes("é".encode() * 100 + b"\xff" + b"more")
-    with pytest.raises(data.LmtuneError, match=r"d\.txt is not UTF-8 text \(invalid start byte at byte 200\)"):
+    with pytest.raises(LmtuneError, match=r"d\.txt is not UTF-8 text \(invalid start byte at byte 200\)"):
         data.read_documents(str(path), Config())
 
 
@@ -78,8 +80,8 @@ def test_the_held_out_documents_do_not_depend_on_chunks_workers_or_file_order(
     everything = [d for f in sorted(folder.iterdir()) for d in data.split_txt(f.read_text(), "paragraph")]
     kept = [d for d in everything if d.strip()]
     expected = sorted(d.strip() for d, held in zip(kept, data.held_out(kept, 20), strict=True) if held)
-    monkeypatch.setattr(data, "GROUP_CHARS", group_chars)
-    monkeypatch.setattr(data, "READ_CHARS", max(7, group_chars // 3))
+    monkeypatch.setattr(types, "GROUP_CHARS", group_chars)
+    monkeypatch.setattr(sources, "READ_CHARS", max(7, group_chars // 3))
     corpus = data.load_corpus(Config(data=str(folder), validation_percent=20), tok, lambda e: None, workers=workers)
     held_out = sorted(d.strip() for d in documents(corpus.validation, tok))
     assert held_out == expected and 8 <= len(held_out) <= 40
@@ -96,12 +98,12 @@ def test_streams_are_the_same_whatever_the_chunks_and_workers(tok, tmp_path, lmt
     folder = write_corpus(tmp_path / "corpus", files=2, docs=60)
     # A long document goes in pieces, across groups: still one document with one EOS.
     (folder / "part-9.txt").write_text(" ".join(sentences(400, 9)))
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 500)
-    monkeypatch.setattr(data, "BATCH_CHARS", 2000)
+    monkeypatch.setattr(tokens, "MAX_PIECE_CHARS", 500)
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 2000)
     streams = []
     for group_chars, workers in [(10**9, 1), (300, 2), (3000, 3)]:
-        monkeypatch.setattr(data, "GROUP_CHARS", group_chars)
-        monkeypatch.setattr(data, "READ_CHARS", group_chars // 2)
+        monkeypatch.setattr(types, "GROUP_CHARS", group_chars)
+        monkeypatch.setattr(sources, "READ_CHARS", group_chars // 2)
         home = tmp_path / f"home-{group_chars}"
         monkeypatch.setenv("LMTUNE_HOME", str(home))
         corpus = data.load_corpus(Config(data=str(folder)), tok, lambda e: None, workers=workers)
@@ -129,7 +131,9 @@ PEAK = textwrap.dedent(
     from lmtune.config import Config
     from lmtune.model import load_tokenizer
 
-    data.GROUP_CHARS = data.READ_CHARS = 200_000  # small groups: the bound shows on a small corpus
+    from lmtune.data import sources, types
+
+    types.GROUP_CHARS = sources.READ_CHARS = 200_000  # small groups: the bound shows on a small corpus
     tokenizer = load_tokenizer(sys.argv[1])
     corpus = data.load_corpus(Config(data=sys.argv[2]), tokenizer, lambda e: None)
     print(len(corpus.train.ids), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -247,14 +251,14 @@ def leftovers(folder):
 def test_ctrl_c_while_preparing_leaves_nothing_and_the_next_run_starts_over(
     cli, tiny_model, corpus, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(data, "GROUP_CHARS", 2000)  # several groups: stopped between two of them
-    real = data.encode
-    kill_self_on_call(monkeypatch, data, "encode", 3)  # Ctrl-C on the third group
+    monkeypatch.setattr(types, "GROUP_CHARS", 2000)  # several groups: stopped between two of them
+    real = streams.encode
+    kill_self_on_call(monkeypatch, streams, "encode", 3)  # Ctrl-C on the third group
     out = tmp_path / "prepared"
     r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
     assert r.code == 130 and "interrupted" in r.err, r.err
     assert not out.exists() and not leftovers(tmp_path)
-    monkeypatch.setattr(data, "encode", real)
+    monkeypatch.setattr(streams, "encode", real)
     r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
     assert r.code == 0 and "prepared" in r.out and not leftovers(tmp_path), r.err
 
@@ -262,8 +266,8 @@ def test_ctrl_c_while_preparing_leaves_nothing_and_the_next_run_starts_over(
 def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
     cli, tiny_model, corpus, tmp_path, lmtune_home, monkeypatch
 ):
-    monkeypatch.setattr(data, "GROUP_CHARS", 2000)
-    real, calls = data.Stream.add, []
+    monkeypatch.setattr(types, "GROUP_CHARS", 2000)
+    real, calls = streams.Stream.add, []
 
     def full_disk(self, split):
         calls.append(1)
@@ -271,7 +275,7 @@ def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, split)
 
-    monkeypatch.setattr(data.Stream, "add", full_disk)
+    monkeypatch.setattr(streams.Stream, "add", full_disk)
     out = tmp_path / "prepared"
     r = cli("prepare", corpus / "train.txt", "--model", tiny_model, "--output", out)
     assert r.code == 1 and "Traceback" not in r.err
@@ -283,7 +287,7 @@ def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
     r = cli("finetune", tiny_model, "--data", corpus / "train.txt", "--block-size", "32", "--dry-run")
     assert r.code == 1 and "No space left on device" in r.err
     assert not list((lmtune_home / "tokens").iterdir())
-    monkeypatch.setattr(data.Stream, "add", real)
+    monkeypatch.setattr(streams.Stream, "add", real)
     r = cli("finetune", tiny_model, "--data", corpus / "train.txt", "--block-size", "32", "--dry-run")
     assert r.code == 0, r.err
 
@@ -301,7 +305,7 @@ def test_a_preparation_killed_outright_is_started_over(tiny_model, tmp_path):
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / ".prepared.tmp" / "train.npy"
     deadline = time.monotonic() + 120
-    while not (partial.is_file() and partial.stat().st_size > data.HEADER) and time.monotonic() < deadline:
+    while not (partial.is_file() and partial.stat().st_size > streams.HEADER) and time.monotonic() < deadline:
         time.sleep(0.02)
     first.kill()
     first.wait()

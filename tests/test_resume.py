@@ -257,9 +257,9 @@ def test_ctrl_c_during_the_final_evaluation_or_save_finishes_the_run(
 
 
 def test_ctrl_c_while_tokenizing_stops_at_once_and_leaves_nothing(cli, tiny_model, corpus, tmp_path, monkeypatch):
-    from lmtune import data
+    from lmtune.data import streams
 
-    kill_self_on_call(monkeypatch, data, "encode", 1)
+    kill_self_on_call(monkeypatch, streams, "encode", 1)
     out = tmp_path / "run"
     r = short_run(cli, tiny_model, corpus, out)
     assert r.code == 130 and "before training started; nothing was saved" in r.err, r.err

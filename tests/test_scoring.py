@@ -267,7 +267,8 @@ def test_a_runs_validation_conversations_are_the_ones_training_held_out(tiny_mod
     cfg = Config(data=str(write_jsonl(tmp_path / "train.jsonl", rows)), validation_percent=10)
     tok = load_tokenizer(str(tiny_model))
     corpus = data.load_corpus(cfg, tok, lambda e: None)
-    held = answers.validation_conversations(cfg, tmp_path)
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())  # a run folder written before data plans: decided again
+    held, _ = answers.validation_conversations(tmp_path)
     assert 0 < len(held) == corpus.validation.documents < len(rows)
     encoded = data.encode(held, tok, lambda e: None, "t").split(
         range(len(held)), tok.eos_token_id, corpus.validation.ids.dtype

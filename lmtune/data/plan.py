@@ -58,8 +58,6 @@ def source_plan(d: DataSource, cfg: Config, name: str) -> SourcePlan:
                 f"{d.path} holds tokens prepared with their validation split; pass --validation-data to lmtune prepare"
             )
         return replace(plan, form="prepared", data_format=prepared_format(Path(d.path)), validation="prepared")
-    if d.validation and Path(d.validation).expanduser().resolve() == Path(d.path).expanduser().resolve():
-        raise LmtuneError(f"{d.path} is both the training and the validation data; pass other --validation-data")
     if sources.is_local(d.path):
         files = sources.local_files(d.path)
         form = "folder" if Path(d.path).expanduser().is_dir() else "file"

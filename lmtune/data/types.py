@@ -110,7 +110,7 @@ class SourcePlan:
         if self.validation == "data":
             return f"{self.validation_data}"
         if self.validation == "split":
-            return f"the validation split of {self.data}"
+            return f"the `validation` split of {self.data}"
         if self.validation == "prepared":
             return f"the validation split prepared in {self.data}"
         return f"{self.validation_percent:g}% of the documents of {self.data}, held out"
