@@ -11,8 +11,8 @@ import pytest
 from conftest import WORDS
 
 from lmtune import batches, data
-from lmtune.data import sources, tokens
 from lmtune.config import Config
+from lmtune.data import sources, tokens
 from lmtune.errors import LmtuneError
 from lmtune.model import load_tokenizer
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import WORDS, kill_self_on_call, sentences
 
 from lmtune import data
-from lmtune.data import sources, streams, tokens, types
 from lmtune.config import Config
+from lmtune.data import sources, streams, tokens, types
 from lmtune.errors import LmtuneError
 from lmtune.model import load_tokenizer
 

@@ -1,5 +1,6 @@
 """--streaming: a dataset read as a stream and tokenized as training takes it; resumed where it stopped."""
 
+import itertools
 import json
 import random
 
@@ -7,12 +8,10 @@ import numpy as np
 import pytest
 from conftest import kill_self_on_call, read_json, sentences
 
-import itertools
-
 from lmtune import batches, data
+from lmtune.config import Config
 from lmtune.data import plan as data_plan
 from lmtune.data import streaming
-from lmtune.config import Config
 from lmtune.model import load_tokenizer
 
 
