@@ -66,15 +66,18 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
             log.warning(warning)
     rows = batches.training_rows(corpus, block_size, packing)
     name = Path(str(tokenizer.name_or_path)).name or type(tokenizer).__name__
+    src = plan.sources[0]
     about = [
-        f"{given}: {corpus.format} data; tokenizer of {name} ({len(tokenizer):,} tokens, EOS {tokenizer.eos_token})"
+        f"{given}: {corpus.format} data; tokenizer of {name} ({len(tokenizer):,} tokens, EOS {tokenizer.eos_token})",
+        f"data plan: a {src.form}; validation: {src.describe_validation()}",
     ]
     if chat:
         template = "lmtune's simple one" if tokenizer.chat_template == data.SIMPLE_TEMPLATE else "the tokenizer's own"
         how = "packed into" if packing else "one per row in"
         about += [
             f"chat template: {template}; loss on the responses only, each conversation ending with EOS",
-            f"{rows.conversations:,} conversations {how} {len(rows.dataset):,} rows of up to {block_size} tokens; "
+            f"{rows.conversations:,} conversations {how} {len(rows.dataset):,} rows of up to {block_size} tokens "
+            f"({corpus.empty_documents:,} without a response skipped before, as training skips them); "
             f"{rows.truncated:,} cut short at the block size (losing their end and its EOS), {rows.skipped:,} skipped "
             "(no response token left)",
         ]

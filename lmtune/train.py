@@ -114,6 +114,7 @@ def finetune(
             held_out = any(src.validation == "held_out" for src in run.data_plan.sources)
             acc = run.accelerator
             checkpoint.check_resumable(saved, run.cfg, acc.num_processes, run.fsdp, held_out, output, force)
+            check_same_plan(run, force)
         start_run_folder(run, saved, overwrite)
         progress = resumed(run, saved, tensors) if saved else Progress().to(run.accelerator.device)
         stop.armed = True  # from here a signal asks for a checkpoint at the next step
@@ -122,6 +123,25 @@ def finetune(
             raise stop.error(progress.step, resume_from, output)
         train(run, progress, base, stop)
         return finish(run, progress, base, stop)
+
+
+def check_same_plan(run: Run, force: bool) -> None:
+    """Resume only with the data plan the run started with (data_plan.json): another source, format or
+    validation would make it another run (a folder that gained a valid.txt since, say)."""
+    if not (run.output / data_plan.PLAN).is_file() or force:
+        return
+    before = data_plan.read(run.output).sources
+    changed = [
+        f"{a.name}: {key} {getattr(a, key)!r} -> {getattr(b, key)!r}"
+        for a, b in zip(before, run.data_plan.sources, strict=False)
+        for key in ("data", "form", "data_format", "validation", "validation_data")
+        if getattr(a, key) != getattr(b, key)
+    ]
+    if len(before) != len(run.data_plan.sources) or changed:
+        raise LmtuneError(
+            f"cannot resume {run.output}: its data plan ({data_plan.PLAN}) differs from this one's: "
+            f"{'; '.join(changed) or 'other sources'}; resume with the run's data, or pass --force"
+        )
 
 
 def start_run_folder(run: Run, saved: dict[str, Any], overwrite: bool) -> None:

@@ -324,3 +324,59 @@ def test_the_import_graph_has_no_circle():
         visit(m, [])
     assert "lmtune.data.prepared" in graph and not any(i.startswith("lmtune.data") for i in graph["lmtune.model"])
     assert all(len(p.read_text().splitlines()) <= 400 for p in (LMTUNE / "data").glob("*.py"))
+
+
+# --- data a tired person gives ----------------------------------------------------------------------
+
+
+def test_identical_documents_are_named_not_the_block_size(cli, tiny_model, tmp_path):
+    same = tmp_path / "same.txt"
+    same.write_text("The same words each time.\n\n" * 40)
+    r = cli(*args(tiny_model, tmp_path / "run", "--data", same, "--dry-run"))
+    assert r.code == 1 and "the same text (40 copies)" in r.err and "--block-size" not in r.err
+
+
+def test_a_malformed_jsonl_line_is_named_in_full(cli, tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "a\x01b"}\n')
+    r = cli(*args(tiny_model, tmp_path / "run", "--data", bad, "--dry-run"))
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"{bad} line 2, column 12: Invalid control character; expected one JSON object per line" in r.err
+
+
+def test_a_foreign_jsonl_in_a_data_folder_is_named(cli, tiny_model, tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_jsonl(folder / "chat.jsonl", chat_rows(20, 1))
+    write_jsonl(folder / "notes.jsonl", [{"text": "a note"}])
+    r = cli(*args(tiny_model, tmp_path / "run", "--data", folder, "--dry-run"))
+    assert r.code == 1 and "Couldn't cast" not in r.err
+    assert "chat.jsonl has columns prompt, response but" in r.err and "notes.jsonl has text" in r.err
+
+
+def test_data_show_says_how_many_conversations_had_no_response(cli, tiny_model, tmp_path):
+    rows = chat_rows(20, 1)
+    rows[3]["response"] = rows[9]["response"] = ""
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    r = cli("data", "show", path, "--model", tiny_model, "--block-size", "64", "-n", "1")
+    assert r.code == 0, r.err
+    assert "2 without a response skipped" in " ".join(r.out.split())
+    assert "data plan: a file; validation: 5% of the documents" in " ".join(r.out.split())
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_data_plan(cli, tiny_model, folder, tmp_path, monkeypatch):
+    """A folder that gained a validation file since the stop: resuming would train on other data."""
+    from conftest import kill_self_on_call
+
+    from lmtune import train
+
+    (folder / "valid.txt").rename(tmp_path / "valid.txt")
+    out = tmp_path / "run"
+    run = args(tiny_model, out, "--data", folder, "--max-steps", "6", "--eval-every", "0", "--save-every", "2")
+    kill_self_on_call(monkeypatch, train, "forward_backward", 4)
+    assert cli(*run).code == 130
+    monkeypatch.undo()
+    (tmp_path / "valid.txt").rename(folder / "valid.txt")
+    r = cli(*run, "--resume")
+    assert r.code == 1 and "data plan" in r.err and "validation 'held_out' -> 'split'" in r.err, r.err

@@ -273,7 +273,7 @@ def load_table(files: list[Path], spec: str) -> Any:
     except Exception as err:
         cause = err.__cause__ or err
         first = first_line(cause)
-        raise LmtuneError(f"cannot read {spec}: {bad_jsonl_line(files) or first}") from None
+        raise LmtuneError(f"cannot read {spec}: {bad_jsonl_line(files) or other_columns(files) or first}") from None
 
 
 def table_source(ds: Any, cfg: Reading, name: str) -> Source:
@@ -326,8 +326,33 @@ def bad_jsonl_line(files: list[Path]) -> str | None:
                 try:
                     if not isinstance(json.loads(line), dict):
                         return f"{f} line {n}: expected a JSON object"
-                except json.JSONDecodeError as err:
-                    return f"{f} line {n}: {err.msg}"
+                except json.JSONDecodeError as err:  # its msg ends "... at"; the place is colno
+                    what = err.msg.removesuffix(" at")
+                    return f"{f} line {n}, column {err.colno}: {what}; expected one JSON object per line"
+    return None
+
+
+def other_columns(files: list[Path]) -> str | None:
+    """'FILE has columns ..., FILE2 has ...' when the JSON Lines files of a folder do not share their columns
+    (the datasets library says only "Couldn't cast"); by each file's first row."""
+    seen: dict[Path, list[str]] = {}
+    for f in files:
+        if f.suffix.lower() != ".jsonl":
+            continue
+        with f.open(encoding="utf-8", errors="replace") as lines:
+            first = next((line for line in lines if line.strip()), "")
+        try:
+            row = json.loads(first) if first else {}
+        except json.JSONDecodeError:
+            continue
+        seen[f] = sorted(row) if isinstance(row, dict) else []
+    columns = list(seen.items())
+    for f, cols in columns[1:]:
+        if cols != columns[0][1]:
+            return (
+                f"{columns[0][0]} has columns {', '.join(columns[0][1])} but {f} has {', '.join(cols) or 'none'}; "
+                "the files of a folder must share their columns (move the other file out, or pass each file alone)"
+            )
     return None
 
 

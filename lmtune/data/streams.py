@@ -218,6 +218,11 @@ def write_streams(src: SourcePlan, tokenizer: Any, report: Report, folder: Path,
             raise LmtuneError(f"{src.data} holds one conversation; pass --validation-data or more conversations")
         if not streams["validation"].documents:
             raise LmtuneError(f"validation data from {source} holds no text")
+        if not streams["train"].documents:  # every document went to validation: they are all one text
+            raise LmtuneError(
+                f"every document of {src.data} is the same text ({t.documents:,} copies), so the held-out share "
+                "holds out all of them and leaves nothing to train on; pass --validation-data, or varied documents"
+            )
         counts = {name: s.close() for name, s in streams.items()}
     meta = {
         "key": key,  # the cache key: a prepared folder with the same one need not be prepared again
