@@ -301,6 +301,8 @@ def validate(values: dict[str, Any], source: str | None = None) -> Config:
             key = ".".join(str(p) for p in e["loc"]) or "config"
             if e["type"] == "extra_forbidden":
                 problems.append(f"unknown config key `{key}`{suggest(key)}")
+            elif not e["loc"]:  # a rule across keys: its input is the whole config, not worth repeating
+                problems.append(e["msg"].removeprefix("Value error, "))
             else:
                 problems.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e['input']!r})")
         where = f" in {source}" if source else ""

@@ -157,7 +157,8 @@ def start_run_folder(run: Run, saved: dict[str, Any], overwrite: bool) -> None:
     if run.cfg.report_to != "none":  # the tracker's run: RUN/lmtune/ for tensorboard, project "lmtune" for wandb
         run.accelerator.init_trackers(
             "lmtune",
-            config=run.cfg.model_dump(),
+            # Trackers take plain values: several sources' list as its JSON text.
+            config={k: json.dumps(v) if isinstance(v, list) else v for k, v in run.cfg.model_dump().items()},
             init_kwargs={"wandb": {"name": run.output.name, "dir": str(run.output)}},
         )
 
