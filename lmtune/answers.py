@@ -22,7 +22,7 @@ from lmtune.data.types import Conversation, Documents
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report, silent
 from lmtune.generate import Sampling, generate, load, trained_on_chat
-from lmtune.metrics import SHIPPED
+from lmtune.metrics import SHIPPED, own_metric
 from lmtune.model import context_length
 
 log = logging.getLogger("lmtune")
@@ -197,10 +197,7 @@ def load_metric(name: str) -> Any:
     # Scratch space for the predictions a metric is given (kept in memory; evaluate still makes the folder).
     scratch = {"keep_in_memory": True, "cache_dir": str(runs.home() / "metrics")}
     if name in SHIPPED:
-        from lmtune.metrics import bleu, exact_match, rouge_l
-
-        own = {"exact_match": exact_match.ExactMatch, "rouge_l": rouge_l.RougeL, "bleu": bleu.Bleu}
-        return own[name](**scratch)
+        return own_metric(name, **scratch)
     try:
         return evaluate.load(name, **scratch)
     except Exception as err:  # evaluate raises many types for "cannot get it"; each means one thing to a user

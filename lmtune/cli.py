@@ -23,6 +23,7 @@ from rich.table import Table
 from lmtune import atomic, config
 from lmtune.cpu_launch import cpu_processes_requested, launch_cpu_processes
 from lmtune.errors import LmtuneError
+from lmtune.metrics import SHIPPED
 
 app = typer.Typer(
     help="Fine-tune causal language models: finetune, generate, eval, merge.",
@@ -415,9 +416,9 @@ GenerateAnswers = Annotated[
 Metric = Annotated[
     list[str] | None,
     typer.Option(
-        help="Metric for the answers: exact_match, rouge_l or bleu (lmtune's own, offline), or any name or "
+        help=f"Metric for the answers: {', '.join(SHIPPED)} (lmtune's own, offline), or any name or "
         "script evaluate.load takes (a hub metric needs the network or its cache). Repeat for several. "
-        "Default: those three.",
+        "Default: lmtune's own.",
         show_default=False,
         rich_help_panel=ANSWERS,
     ),
@@ -541,7 +542,6 @@ def answer(
     from lmtune.answers import MAX_NEW_TOKENS, evaluate_answers
     from lmtune.display import Display
     from lmtune.generate import Sampling
-    from lmtune.metrics import SHIPPED
 
     sampled = any(v is not None for v in (temperature, top_k, top_p))
     s = Sampling(

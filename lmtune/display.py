@@ -100,6 +100,12 @@ def data_row(plan: dict[str, Any]) -> tuple[str, str]:
     """How the training data is cut: packed blocks of text, or one conversation per row."""
     if plan.get("streaming"):
         return "blocks", f"of {plan['block_size']} tokens, packed from the stream as training takes them"
+    if "+" in plan["data_format"]:  # chat mixed with text: each row keeps its own loss mask
+        packed = "packed several to a row" if plan.get("packing") else "one per row"
+        return "rows", (
+            f"{plan['blocks']:,} of up to {plan['block_size']} tokens: text in full blocks, conversations {packed} "
+            "with the loss on responses only"
+        )
     if plan["data_format"] != "chat":
         return "blocks", (
             f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"
