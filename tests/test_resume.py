@@ -31,6 +31,15 @@ def test_kill_9_at_random_steps_then_resume_is_exact(bench):
 
 
 @pytest.mark.slow
+def test_kill_9_then_resume_is_exact_with_two_sources_mixed(tmp_path):
+    mixed = Bench(tmp_path, mixed=True)
+    r = mixed.kill_and_resume(random.choice(KILL_STEPS), "kill")
+    assert r["killed_exit"] == -signal.SIGKILL and r["resume_exit"] == 0, r["resume_stderr"][-2000:]
+    assert r["close_records"], f"per-step losses differ after a kill at step {r['kill_step']}: {r['first_difference']}"
+    assert r["close_weights"], f"final weights differ by {r['weight_difference']}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_exits_non_zero(bench, sig, code):
     r = bench.kill_and_resume(4, f"signal-{sig}", sig)

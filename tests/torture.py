@@ -41,9 +41,9 @@ STEPS = 24
 KILL_STEPS = range(2, STEPS)
 
 
-def command(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+def command(model: Path, data: list[str], output: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "lmtune", "finetune", str(model), "--data", str(data), "--output", str(output),
+        sys.executable, "-m", "lmtune", "finetune", str(model), *data, "--output", str(output),
         "--block-size", "32", "--batch-size", "4", "--gradient-accumulation-steps", "2", "--max-steps", str(STEPS),
         "--lr", "1e-3", "--log-every", "1", "--eval-every", "5", "--save-every", "1", "--mixed-precision", "no",
         *extra,
@@ -119,10 +119,14 @@ def weight_difference(a: Path, b: Path) -> float:
 class Bench:
     """A folder with the tiny model, its data, and the reference run that was never stopped."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, mixed: bool = False):
+        """mixed: two sources mixed by weight instead of one."""
         self.folder = folder
         self.model = make_tiny_model(folder / "model")
-        self.data = write_paragraphs(folder / "train.txt", 120, seed=1)
+        self.data = ["--data", str(write_paragraphs(folder / "train.txt", 120, seed=1))]
+        if mixed:
+            other = write_paragraphs(folder / "other.txt", 60, seed=2)
+            self.data += ["--data", str(other), "--data-weights", "2,1"]
         self.env = {**os.environ, "LMTUNE_HOME": str(folder / "home"), "HF_HUB_OFFLINE": "1"}
         self.reference = folder / "reference"
         done = subprocess.run(
@@ -163,11 +167,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--points", type=int, default=10)
     p.add_argument("--seed", type=int, default=None, help="seed of the random kill steps (default: random)")
+    p.add_argument("--mixed", action="store_true", help="train on two sources mixed by weight")
     a = p.parse_args()
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
     steps = sorted(random.Random(seed).sample(KILL_STEPS, a.points))
     with tempfile.TemporaryDirectory(prefix="lmtune-torture-") as tmp:
-        bench = Bench(Path(tmp))
+        bench = Bench(Path(tmp), mixed=a.mixed)
         exact = close_only = 0
         for i, step in enumerate(steps):
             r = bench.kill_and_resume(step, f"run-{i}")
