@@ -21,8 +21,11 @@ log = logging.getLogger("lmtune")
 
 
 def trained_on_chat(model: str) -> bool:
-    """Whether a run folder (or checkpoint, or merged model) was trained on chat data, as its config says."""
+    """Whether a run folder (or checkpoint, or merged model) was trained on chat data, as its data plan says
+    (any of its sources; chat mixed with text too), or its config for runs written before plans."""
     folder = Path(model).expanduser()
+    if (folder / "data_plan.json").is_file():
+        return any(s["data_format"] == "chat" for s in json.loads((folder / "data_plan.json").read_text())["sources"])
     if (folder / runs.CONFIG).is_file():
         return build(str(folder / runs.CONFIG)).data_format == "chat"
     if (folder / "state.json").is_file():  # a checkpoint

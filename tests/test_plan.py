@@ -171,6 +171,10 @@ def test_two_sources_mixed_by_weight_hold_their_shares(cli, tiny_model, two_sour
     evals = [e for e in map(json.loads, (out / "metrics.jsonl").open()) if e["event"] == "eval"]
     assert [s["name"] for s in evals[-1]["sources"]] == ["chat.jsonl", "books.txt"]
     assert "chat.jsonl" in r.out and "75.0% of the training tokens" in r.out  # the plan shows each share
+    # eval --generate answers the chat source's held-out conversations (the text source has no questions).
+    r = cli("eval", out, "--generate", "--max-new-tokens", "3")
+    assert r.code == 0, r.err
+    assert f"conversations of the validation data of {out} ({chat})" in " ".join(r.out.split())
 
 
 def test_the_mixture_holds_the_weights_at_every_step(tiny_model, two_sources):
