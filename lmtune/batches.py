@@ -143,7 +143,7 @@ def packing_works(model: Any) -> bool:
 class Rows:
     """The training rows of a corpus and what cutting them cost, for the plan."""
 
-    dataset: Blocks | Examples
+    dataset: Any  # Blocks, Examples, a Mixed dataset of several sources, or a stream's blocks
     dropped: int  # tokens: left over after the last block, or cut from conversations longer than a block
     conversations: int = 0  # chat: conversations trained on
     truncated: int = 0  # chat: conversations cut short

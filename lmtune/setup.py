@@ -73,6 +73,8 @@ def check_inputs(cfg: Config, dry_run: bool) -> tuple[Config, Path]:
     """The config with local paths made absolute, and the run folder; refused early when it cannot work."""
     if not cfg.data:
         raise LmtuneError("no training data: pass --data with a file, a folder or a hub dataset name")
+    if cfg.streaming and not cfg.max_steps:
+        raise LmtuneError("--streaming needs --max-steps: a stream has no length to count epochs by")
     if cfg.streaming and "epochs" in cfg.model_fields_set:
         raise LmtuneError(
             "--streaming takes --max-steps steps, reading a stream again when it ends; --epochs does not apply to it"
@@ -92,8 +94,6 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     accelerator = make_accelerator(cfg, output)
     set_seed(cfg.seed)
     say = report if accelerator.is_main_process else silent
-    if cfg.streaming and not cfg.max_steps:
-        raise LmtuneError("--streaming needs --max-steps: a stream has no length to count epochs by")
     plan = data_plan.decide(cfg)  # what is trained on and held out, decided here once
     # Tokenize on the main process first; the others then read its cache.
     with accelerator.main_process_first():
@@ -171,7 +171,7 @@ def training_rows(
     if cfg.streaming:  # the blocks the run takes, in the streams' order
         wanted = (cfg.max_steps or 0) * cfg.gradient_accumulation_steps * cfg.batch_size
         blocks = streaming.StreamedBlocks(plan, tokenizer, block_size, wanted)
-        return batches.Rows(blocks, 0), None  # type: ignore[arg-type]  # Rows names the map-style datasets; a stream is another
+        return batches.Rows(blocks, 0), None
     parts = [
         batches.training_rows(c, block_size, plan.packing or False, src.name)
         for src, c in zip(plan.sources, corpora, strict=True)
@@ -179,9 +179,9 @@ def training_rows(
     if len(parts) == 1:
         return parts[0], None
     weights = [s.weight for s in plan.sources]
-    mixed = mixture.Mixed(parts, None if weights[0] is None else weights, cfg.seed)  # type: ignore[arg-type]
+    mixed = mixture.Mixed(parts, [w for w in weights if w is not None] or None, cfg.seed)
     rows = batches.Rows(
-        mixed, sum(p.dropped for p in parts), sum(p.conversations for p in parts),  # type: ignore[arg-type]
+        mixed, sum(p.dropped for p in parts), sum(p.conversations for p in parts),
         sum(p.truncated for p in parts), sum(p.skipped for p in parts),
     )  # fmt: skip
     return rows, mixed
