@@ -112,6 +112,12 @@ class Config(BaseModel):
     """Save a resumable checkpoint every N optimizer steps; 0 never. Default: with each evaluation."""
     keep_checkpoints: int = Field(2, gt=0)
     """How many of the newest checkpoints to keep; older ones are deleted once a newer one is complete."""
+    keep_best: bool = False
+    """Keep the checkpoint with the best evaluation loss out of the rotation; the run folder's model is then the best one."""
+    early_stopping: int | None = Field(None, gt=0)
+    """Stop after N evaluations in a row that do not improve on the best by more than --early-stopping-delta."""
+    early_stopping_delta: float = Field(0.0, ge=0)
+    """A drop in evaluation loss (nats) below the best must exceed this to count as an improvement (and as the best)."""
     log_every: int = Field(10, gt=0)
     """Log training loss every N optimizer steps."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -159,6 +165,7 @@ RESUME_MAY_CHANGE = (
     "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
     "mixed_precision", "eval_every", "save_every", "keep_checkpoints", "log_every", "report_to", "compile",
     "output", "push_to_hub",
+    "keep_best", "early_stopping", "early_stopping_delta",
 )  # fmt: skip
 
 
