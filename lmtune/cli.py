@@ -169,7 +169,9 @@ def finetune(
     with Display(console) as display:
         result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=how, force=force, report=display)
     if result.get("already_finished"):
-        console.print(f"run {result['output']} already finished ({result['steps']} steps); nothing to train")
+        console.print(
+            f"run {result['output']} already finished ({result['steps']} steps); nothing to train", soft_wrap=True
+        )
     elif dry_run:
         title = "Dry run: nothing was trained and no run folder was made (tokenized data is cached for the real run)"
         console.print(plan_table(result, title))
@@ -235,7 +237,8 @@ def print_finished(result: dict[str, Any]) -> None:
     if result.get("best_step") is not None:
         console.print(
             f"the run folder holds the best model: step {result['best_step']}, loss {result['best_eval_loss']:.4f} "
-            f"(the figures above are the last step's)"
+            f"(the figures above are the last step's)",
+            soft_wrap=True,
         )
     if result["hub_url"]:
         console.print(f"uploaded to [bold]{result['hub_url']}[/]")
@@ -345,14 +348,16 @@ def print_side_by_side(text: str, models: list[tuple[str, Any, Any]], chat: bool
 
 
 def stream_one(net: Any, tok: Any, given: list[str], echo: str, s: Any) -> None:
-    """One continuation, written as it is made."""
+    """One continuation, written as it is made, after the prompt: which is written with the first piece, so
+    that a notice about the prompt (too long for the context) comes before it, on a line of its own."""
     from lmtune.generate import generate
 
+    said = [echo]
+
     def write(piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write(said.pop() + piece if said else piece)
         sys.stdout.flush()
 
-    write(echo)
     generate(net, tok, given, s, on_text=write)
     write("\n")
 

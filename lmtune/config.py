@@ -137,6 +137,12 @@ class Config(BaseModel):
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.lora and self.from_scratch:
             raise ValueError("--lora adapts pretrained weights; it cannot train a model --from-scratch")
+        if self.learning_rate * self.weight_decay >= 1:  # AdamW multiplies the weights by 1 - lr x decay each step
+            raise ValueError(
+                f"weight_decay {self.weight_decay:g} with lr {self.learning_rate:g} would zero or flip the weights at "
+                f"every step (AdamW multiplies them by 1 - lr x weight_decay); use a weight_decay below "
+                f"{1 / self.learning_rate:g} (usually 0 to 0.1)"
+            )
         return self
 
     @property

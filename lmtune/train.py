@@ -70,7 +70,10 @@ class Progress:
     def restored(cls, common: dict[str, Any], own: dict[str, Any], device: Any) -> Progress:
         """The inverse of `saved`, on `device`."""
         # .get: a checkpoint written before a field existed holds its default
-        p = cls(**{f.name: common.get(f.name, f.default) for f in fields(cls) if f.metadata.get("checkpoint")}, rng=own["rng"])
+        p = cls(
+            **{f.name: common.get(f.name, f.default) for f in fields(cls) if f.metadata.get("checkpoint")},
+            rng=own["rng"],
+        )
         p.to(device)
         p.loss_sum.fill_(own["loss_sum"])
         p.loss_tokens.fill_(own["loss_tokens"])
@@ -106,7 +109,12 @@ def finetune(
     # By the first process only (accelerate's main process is global rank 0, RANK under torchrun).
     holds_folder = not dry_run and os.environ.get("RANK", "0") == "0"
     with runs.Lock(output) if holds_folder else contextlib.nullcontext(), StopSignals() as stop:
-        inputs = {"model": cfg.model, "tokenizer": cfg.tokenizer, "data": cfg.data, "validation data": cfg.validation_data}
+        inputs = {
+            "model": cfg.model,
+            "tokenizer": cfg.tokenizer,
+            "data": cfg.data,
+            "validation data": cfg.validation_data,
+        }
         start = runs.check_output(output, cfg.model, overwrite, resume, inputs, check=not dry_run)
         if start == runs.FINISHED:  # --resume auto on a finished run: nothing to do
             return {**json.loads((output / runs.SUMMARY).read_text()), "already_finished": True}

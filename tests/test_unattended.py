@@ -123,7 +123,9 @@ def test_keep_best_and_early_stopping(lora, cli, tiny_model, corpus, tmp_path):
     assert summary["best_step"] == best < summary["steps"] and summary["best_eval_loss"] == evals[best]
     assert summary["eval_loss"] == evals[summary["steps"]]  # the last step's figures beside the best
     assert f"stopped early at step {summary['steps']}" in r.out
-    stopped = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "stopped_early"]
+    stopped = [
+        e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "stopped_early"
+    ]
     assert stopped and stopped[0]["best_step"] == best
     # The run folder's model is the best checkpoint's, kept out of the rotation (--keep-checkpoints 1).
     assert (out / "checkpoints" / checkpoint.folder_name(best) / "COMPLETE").is_file()
@@ -221,3 +223,117 @@ def test_the_lock_file_goes_with_the_run_and_a_stale_one_is_taken_over(cli, tiny
     assert r.code == 0, r.err
     assert f"taking over {out / runs.LOCK} of process {killed.pid}" in caplog.text
     assert not (out / runs.LOCK).exists()
+
+
+# --- messages that misled ---------------------------------------------------------------------------------
+
+
+def without_privileges(*cmd):
+    """`cmd` as root without its capabilities, so that a read-only folder refuses root's writes too."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is missing: root would write into read-only folders")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", *map(str, cmd)]
+
+
+def test_a_weight_decay_that_wrecks_the_weights_is_refused_for_what_it_is(cli, tiny_model, corpus, tmp_path):
+    r = cli(*run_args(tiny_model, corpus / "train.txt", tmp_path / "run", "--weight-decay", "1e30"))
+    last = r.err.strip().splitlines()[-1]
+    assert r.code == 1 and "weight_decay 1e+30 with lr 5e-05 would zero or flip the weights" in last, last
+    assert not (tmp_path / "run").exists()
+
+
+def test_merge_of_a_missing_folder_says_it_does_not_exist(cli, tmp_path):
+    r = cli("merge", tmp_path / "missing")
+    assert r.code == 1 and f"{tmp_path / 'missing'} does not exist" in r.err, r.err
+
+
+def test_eval_of_an_unfinished_run_says_so_and_how_to_go_on(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    stop_after_two_checkpoints(cli, run_args(tiny_model, corpus / "train.txt", out), monkeypatch)
+    r = cli("eval", out)
+    last = r.err.strip().splitlines()[-1]
+    assert r.code == 1 and f"{out} is an unfinished run" in last, last
+    assert f"lmtune eval {out / 'checkpoints' / 'step-0000002'} --data DATA" in last and "--resume" in last, last
+
+
+def test_eval_checks_every_model_before_scoring_any(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    from lmtune import evaluate
+
+    scored = []
+    real = evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda *a, **kw: scored.append(1) or real(*a, **kw))
+    r = cli("eval", tiny_model, tmp_path / "missing", "--data", corpus / "valid.txt")
+    assert r.code == 1 and "missing" in r.err.strip().splitlines()[-1], r.err
+    assert scored == []  # refused before the first model was scored, not after
+
+
+def test_push_names_the_offline_variable_that_is_set(cli, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # huggingface_hub read it at import; it is offline all the same
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    r = cli("push", run, "me/model")
+    assert r.code == 1 and "but TRANSFORMERS_OFFLINE is set" in r.err and "HF_HUB_OFFLINE" not in r.err, r.err
+
+
+def test_the_notice_about_a_short_context_is_on_a_line_of_its_own(tiny_model):
+    cmd = [sys.executable, "-m", "lmtune", "generate", "Once", "--model", tiny_model, "--max-new-tokens", "100"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    merged = subprocess.run(list(map(str, [*cmd, "--seed", "0"])), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    assert r.returncode == merged.returncode == 0, r.stderr
+    assert "the prompt is 3 tokens and the model's context 64: generating at most 61 new tokens" in r.stderr
+    assert merged.stdout.splitlines()[0].startswith("the prompt is 3 tokens"), merged.stdout
+    assert merged.stdout.splitlines()[1].startswith("Once"), merged.stdout
+
+
+def test_generate_and_eval_with_a_tokenizer_without_eos(cli, tiny_model, corpus, tmp_path):
+    model = shutil.copytree(tiny_model, tmp_path / "no-eos")
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings.pop("eos_token"), settings.pop("bos_token")
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    g = cli("generate", "the cat", "--model", model, "--max-new-tokens", "5", "--seed", "0")
+    assert g.code == 0 and g.out.startswith("the cat"), g.err
+    e = cli("eval", model, "--data", corpus / "valid.txt")
+    last = e.err.strip().splitlines()[-1]
+    assert e.code == 1 and "no EOS token; lmtune eval scores documents joined by EOS" in last, last
+
+
+def test_eval_generate_on_a_read_only_run_folder(tiny_model, corpus, tmp_path, lmtune_home):
+    from conftest import write_jsonl
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmtune", *run_args(tiny_model, corpus / "train.txt", out, "--max-steps", "2")]
+    env = {**os.environ, "LMTUNE_HOME": str(lmtune_home)}
+    assert subprocess.run(list(map(str, cmd)), env=env, capture_output=True).returncode == 0
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "the cat", "response": "sat"}] * 3)
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    out.chmod(0o555)
+    try:
+        base = [
+            sys.executable,
+            "-m",
+            "lmtune",
+            "eval",
+            out,
+            "--generate",
+            "--chat",
+            "--data",
+            chat,
+            "--max-new-tokens",
+            "2",
+        ]
+        refused = subprocess.run(without_privileges(*base), env=env, capture_output=True, text=True)
+        assert refused.returncode == 1, refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]
+        assert f"cannot write the answers of {out} in {out} (Permission denied); pass --predictions" in last, last
+        assert "answering" not in refused.stderr  # refused before the work, not after it
+        elsewhere = subprocess.run(without_privileges(*base, "--predictions", answers), env=env, capture_output=True,
+                                   text=True)  # fmt: skip
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert "exact_match" in elsewhere.stdout and "not added to its model card" in elsewhere.stderr
+        assert (answers / "predictions-run.jsonl").is_file()
+    finally:
+        out.chmod(0o755)
