@@ -380,10 +380,11 @@ def on_main(run: Run, write: Callable[[], Any], failed: Callable[[OSError], Lmtu
 def cannot_write(run: Run, name: str, err: OSError) -> LmtuneError:
     """The error for a file of the run folder that could not be written: the cause, and the way on."""
     kept = checkpoint.complete(run.output / runs.CHECKPOINTS)
-    way_on = f"the last checkpoint, {kept[-1]}, is kept: {resume_hint(run.output)}" if kept else "start over"
+    way_on = f"Its last checkpoint, {kept[-1]}, is kept. " if kept else "No checkpoint was kept. "
+    then = resume_hint(run.output) if kept else "Then start over with --overwrite"
     return LmtuneError(
-        f"could not write {run.output / name}: {checkpoint.reason(err)}; the run stopped. Make {run.output} "
-        f"writable (or free space), then {way_on}"
+        f"could not write {run.output / name}: {checkpoint.reason(err)}; the run stopped. {way_on}Make {run.output} "
+        f"writable (or free space). {then}"
     )
 
 
