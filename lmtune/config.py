@@ -137,7 +137,11 @@ class Config(BaseModel):
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.lora and self.from_scratch:
             raise ValueError("--lora adapts pretrained weights; it cannot train a model --from-scratch")
-        if self.learning_rate * self.weight_decay >= 1:  # AdamW multiplies the weights by 1 - lr x decay each step
+        if self.early_stopping and self.eval_every == 0:
+            raise ValueError("--early-stopping counts evaluations, and --eval-every 0 makes none before the end")
+        # AdamW multiplies the weights by 1 - lr x decay each step. A huge --lr is the learning rate's fault (the
+        # run stops at a non-finite loss and says so); a decay above 1 that does this is the decay's.
+        if self.weight_decay > 1 and self.learning_rate * self.weight_decay >= 1:
             raise ValueError(
                 f"weight_decay {self.weight_decay:g} with lr {self.learning_rate:g} would zero or flip the weights at "
                 f"every step (AdamW multiplies them by 1 - lr x weight_decay); use a weight_decay below "

@@ -242,6 +242,11 @@ def test_a_weight_decay_that_wrecks_the_weights_is_refused_for_what_it_is(cli, t
     assert not (tmp_path / "run").exists()
 
 
+def test_early_stopping_without_evaluations_is_refused(cli, tiny_model, corpus, tmp_path):
+    r = cli(*run_args(tiny_model, corpus / "train.txt", tmp_path / "run", "--early-stopping", "2", "--eval-every", "0"))
+    assert r.code == 1 and "--eval-every 0 makes none before the end" in r.err, r.err
+
+
 def test_merge_of_a_missing_folder_says_it_does_not_exist(cli, tmp_path):
     r = cli("merge", tmp_path / "missing")
     assert r.code == 1 and f"{tmp_path / 'missing'} does not exist" in r.err, r.err
