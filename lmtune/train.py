@@ -50,7 +50,7 @@ class Progress:
     batch_in_epoch: int = shared(0)  # micro-batches of this epoch done
     tokens_seen: int = shared(0)
     train_seconds: float = shared(0.0)  # time in training steps; evaluations and saves not counted
-    best_step: int | None = shared(None)  # the evaluation with the lowest loss (by --early-stopping-delta) ...
+    best_step: int | None = shared(None)  # the best evaluation (lower by more than --early-stopping-delta) ...
     best_loss: float | None = shared(None)  # ... and its loss; step 0 (the base model) is not a candidate
     evals_since_best: int = shared(0)  # evaluations in a row without an improvement: --early-stopping's count
     stopped_early_at: int | None = shared(None)
@@ -241,7 +241,7 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> Score | None
                 best = judge(run, p, scored)
                 tick = time.perf_counter()
             if p.stopped_early_at is not None:  # the schedule is left as it is: the run just ends here
-                return scored
+                break
             if stopping or (run.save_every and p.step % run.save_every == 0 and not last) or (best and cfg.keep_best):
                 p.train_seconds += time.perf_counter() - tick
                 saved_to = save_checkpoint(run, p, base)
@@ -252,7 +252,7 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> Score | None
                 break
     p.train_seconds += time.perf_counter() - tick
     check_finite(run, p)
-    return None
+    return scored if p.stopped_early_at is not None else None
 
 
 # --- the named steps -------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def evaluate(run: Run, p: Progress) -> Score:
 
 
 def judge(run: Run, p: Progress, s: Score) -> bool:
-    """Whether evaluation `s` is the best so far, improving on the best by at least --early-stopping-delta;
+    """Whether evaluation `s` is the best so far, improving on the best by more than --early-stopping-delta;
     after --early-stopping evaluations in a row that are not, the run stops early (said, and recorded)."""
     cfg = run.cfg
     if p.best_loss is None or s.loss < p.best_loss - cfg.early_stopping_delta:
@@ -482,6 +482,11 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals, final: Score |
         # --keep-best: the step whose model the run folder holds; eval_loss and the rest are the last step's
         **({"best_step": p.best_step, "best_eval_loss": p.best_loss} if cfg.keep_best else {}),
     }  # fmt: skip
+    # The card's "after" is the model the folder holds. Bits per byte scale with the loss: the same stream.
+    kept = {
+        "eval_loss": p.best_loss, "eval_perplexity": math.exp(p.best_loss or 0),
+        "eval_bits_per_byte": final.bits_per_byte * (p.best_loss or 0) / final.loss,
+    } if from_best else {}  # fmt: skip
 
     def write() -> None:
         try:
@@ -493,7 +498,7 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals, final: Score |
             raise final_save_failed(run.output, p.step, err) from None
         # What a person reads: the training curves and a model card (README.md, the hub's format).
         card.plot_curves(run.output, base.perplexity)
-        atomic.write_text(run.output / runs.CARD, card.model_card(run.output, cfg, summary))
+        atomic.write_text(run.output / runs.CARD, card.model_card(run.output, cfg, {**summary, **kept}))
         atomic.write_text(run.output / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
         runs.remember(run.output)
 
