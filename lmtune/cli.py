@@ -823,8 +823,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         first = (str(err).splitlines() or [""])[0]
         if "closed by peer" in first or "reset by peer" in first:  # gloo's words for a process that is gone
-            fail(f"another process of this run ended, so this one cannot go on ({first[-80:]}); its own error, if "
-                 "it printed one, says why; resume with --resume", 1)  # fmt: skip
+            fail(
+                "another process of this run ended (gloo: connection closed by peer), so this one stopped too; that "
+                "process's own error, or the launcher's line about it, says why. Resume with --resume",
+                1,
+            )
         fail(f"{type(err).__name__}: {first} (LMTUNE_DEBUG=1 shows the traceback)", 1)
     if code == 130:  # click turns a Ctrl-C into exit code 130
         err_console.print("[bold red]interrupted[/]")

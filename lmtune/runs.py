@@ -85,13 +85,8 @@ def check_output(
         return RESUME if resume is True or (resume == "auto" and resumable) else NEW
     if model and Path(model).exists() and output.resolve().is_relative_to(Path(model).resolve()):
         raise LmtuneError(f"--output {output} is inside the model folder {model}; choose a folder outside it")
-    if overwrite and output.exists():
-        for what, value in (inputs or {}).items():
-            if value and Path(value).exists() and Path(value).resolve().is_relative_to(output.resolve()):
-                raise LmtuneError(
-                    f"--overwrite would delete {output}, which holds this run's {what} ({value}); "
-                    "move it out first or choose another --output"
-                )
+    if overwrite:
+        keep_inputs(output, inputs, "--overwrite")
     if output.exists() and not output.is_dir():
         raise LmtuneError(f"--output {output} is a file; choose a folder")
     if resume and overwrite:
@@ -105,6 +100,7 @@ def check_output(
         if resumable:
             return RESUME
         if unfinished:  # stopped before its first checkpoint was complete: only starting over is left
+            keep_inputs(output, inputs, "--resume auto (starting over)")
             return START_OVER
     elif resume:
         if empty:
@@ -119,6 +115,18 @@ def check_output(
             )
         raise LmtuneError(f"run folder {output} already exists; choose another --output or pass --overwrite")
     return NEW
+
+
+def keep_inputs(output: Path, inputs: dict[str, str | None] | None, flag: str) -> None:
+    """Refuse to empty `output` when it holds one of the run's own inputs (model, data, ... by name)."""
+    if not output.exists():
+        return
+    for what, value in (inputs or {}).items():
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(output.resolve()):
+            raise LmtuneError(
+                f"{flag} would delete {output}, which holds this run's {what} ({value}); "
+                "move it out first or choose another --output"
+            )
 
 
 def describe_start(start: str, resume_from: Path | None) -> str:

@@ -66,6 +66,14 @@ def test_resume_auto_starts_resumes_and_leaves_a_finished_run_alone(cli, tiny_mo
     assert r.code == 0, r.err
     assert "started over (--resume auto)" in r.out and read_json(early / "summary.json")["steps"] == 6
 
+    # Starting over never deletes the run's own data.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.yaml").write_text("{}\n")
+    data = shutil.copy(corpus / "train.txt", own / "train.txt")
+    r = cli(*run_args(tiny_model, data, own, "--resume", "auto"))
+    assert r.code == 1 and "--resume auto (starting over) would delete" in r.err and data.is_file(), r.err
+
     # A folder holding something else is never taken.
     other = tmp_path / "other"
     other.mkdir()
