@@ -136,7 +136,10 @@ def finetune(
         ),
     ] = False,
     force: Annotated[
-        bool, typer.Option(help="With --resume: continue even if settings that change the model or data order differ.")
+        bool,
+        typer.Option(
+            help="With --resume: continue even if settings that change the model or data order, or the data, differ."
+        ),
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Prepare everything and print the plan, without training.")] = False,
 ) -> None:
