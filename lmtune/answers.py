@@ -20,6 +20,7 @@ from lmtune.config import Config, build
 from lmtune.data import plan as data_plan
 from lmtune.data.types import Conversation, Documents
 from lmtune.errors import LmtuneError, first_line
+from lmtune.evaluate import check_models
 from lmtune.events import Report, silent
 from lmtune.generate import Sampling, generate, load, trained_on_chat
 from lmtune.metrics import SHIPPED, own_metric
@@ -245,6 +246,16 @@ def score(metrics: dict[str, Any], predictions: list[str], references: list[str]
     return figures
 
 
+def check_writable(models: list[str], folder: Path | None) -> None:
+    """Every model's answers file can be written (a read-only run's model card is only left without scores)."""
+    for name in models:
+        where = predictions_path(name, run_folder(name), folder).parent
+        if reason := atomic.cannot_write_in(where):
+            raise LmtuneError(
+                f"cannot write the answers of {name} in {where} ({reason}); pass --predictions with a writable folder"
+            )
+
+
 def predictions_path(name: str, run: Path | None, folder: Path | None) -> Path:
     """Where a model's answers go: its run folder, else (or with --predictions) FOLDER/predictions-NAME.jsonl."""
     if run and folder is None:
@@ -299,6 +310,9 @@ def evaluate_answers(
                 f"{name} was not trained on chat data; pass --chat to answer in its chat template "
                 "(lmtune's simple one if it has none)"
             )
+    check_models(models)
+    if main:  # where the answers (and a run's scores) go, checked before an hour of answering
+        check_writable(models, predictions_folder)
     # Loaded before any answer is generated: a metric that cannot load fails at once, not after an hour.
     metrics = {name: load_metric(name) for name in metric_names}
     report({"event": "phase", "phase": f"reading {data_spec or first_run}"})
@@ -320,7 +334,9 @@ def evaluate_answers(
             "model": name, "data": where, "dataset": dataset, "conversations": len(qs), "skipped": skipped,
             "generation": describe(sampling), "metrics": figures, "predictions": str(path),
         }  # fmt: skip
-        if run:  # the model card shows the figures, and the hub reads them from its model-index
+        if run and (reason := atomic.cannot_write_in(run)):
+            log.warning("the scores of %s are not added to its model card: cannot write in it (%s)", name, reason)
+        elif run:  # the model card shows the figures, and the hub reads them from its model-index
             result["card"] = str(card.write_answers(run, result))
         results.append(result)
     leave_together()

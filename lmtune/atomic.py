@@ -6,7 +6,10 @@ complete new one, never a file cut short by a full disk, a crash or a second Ctr
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,15 +46,37 @@ def written_beside(final: Path, *, folder: bool = False, into: bool = False) -> 
         tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
+        honour_umask(tmp)
     except BaseException:
         remove(tmp)
         raise
     if into:
-        final.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            f.replace(final / f.name)
-        tmp.rmdir()
+        try:
+            final.mkdir(parents=True, exist_ok=True)
+            if reason := cannot_write_in(final):  # before any file is moved: none or all of them
+                raise PermissionError(errno.EACCES, reason, str(final))
+            for f in tmp.iterdir():
+                f.replace(final / f.name)
+        finally:
+            remove(tmp)
         return
     if folder:  # a folder cannot be renamed over a non-empty one
         remove(final)
     tmp.replace(final)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` holding `text`, written beside it and renamed."""
+    with written_beside(path) as tmp:
+        tmp.write_text(text)
+
+
+def honour_umask(path: Path) -> None:
+    """Give `path` (and what a folder holds) the modes a plain `open` would: safetensors writes its files
+    0600 whatever the umask, which leaves a run folder shared with a team unreadable to it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        wanted = (0o777 if f.is_dir() else 0o666) & ~mask
+        if not f.is_symlink() and stat.S_IMODE(f.stat().st_mode) != wanted:
+            f.chmod(wanted)

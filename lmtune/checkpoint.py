@@ -81,8 +81,10 @@ def save(
     optimizer_state: dict[str, Any],
     processes: list[dict[str, Any]],
     state: dict[str, Any],
+    best: Path | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` under `root` (main process only), then delete all but the newest `keep`.
+    """Write the checkpoint of `step` under `root` (main process only), then delete all but the newest `keep`
+    and the `best` one (--keep-best).
 
     weights, optimizer_state: whole state dicts (gathered by every process under FSDP); processes: each
     one's RNG states and loss sums; state: the shared progress and settings. A failure leaves nothing
@@ -96,14 +98,12 @@ def save(
             torch.save({"optimizer": optimizer_state, "processes": processes}, tmp / TENSORS)
             (tmp / STATE).write_text(json.dumps({**state, "versions": versions()}, indent=2) + "\n")
             (tmp / COMPLETE).write_text("")  # last: a folder without it was cut short
-    except Exception as err:
-        if isinstance(err, OSError) or "os error" in str(err):
-            raise LmtuneError(
-                f"could not save the checkpoint of step {step} in {root}: {reason(err)}; "
-                "nothing partial was left and earlier checkpoints are kept"
-            ) from None
-        raise
-    for old in complete(root)[:-keep]:
+    except Exception as err:  # torch's own words for a full disk: "[enforce fail at inline_container.cc:672]"
+        raise LmtuneError(
+            f"could not save the checkpoint of step {step} in {root}: {reason(err)}; "
+            "nothing partial was left and earlier checkpoints are kept"
+        ) from None
+    for old in [c for c in complete(root) if c != best][:-keep]:
         (old / COMPLETE).unlink()  # first, so a deletion cut short never looks complete
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -115,6 +115,15 @@ def save_model(model: Any, weights: dict[str, Any], tokenizer: Any, folder: Path
     with atomic.written_beside(folder, into=True) as tmp:
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
+
+
+def copy_model(checkpoint: Path, folder: Path) -> None:
+    """The model (or adapter) and tokenizer of a checkpoint, copied into the run folder as save_model would
+    write them: everything but the checkpoint's training state."""
+    with atomic.written_beside(folder, into=True) as tmp:
+        for f in checkpoint.iterdir():
+            if f.name not in (TENSORS, STATE, COMPLETE):
+                shutil.copy(f, tmp / f.name)
 
 
 def plain(accelerator: Any, model: Any) -> Any:
@@ -165,7 +174,11 @@ def reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     found = re.search(r'message: "([^"]+)"', str(err))
-    return found.group(1) if found else first_line(err)
+    if found:
+        return found.group(1)
+    if re.search(r"enforce fail at inline_container|file write failed", str(err)):  # torch.save's
+        return f"a write failed: is the disk full? (torch: {first_line(err)})"
+    return first_line(err)
 
 
 def complete(root: Path) -> list[Path]:
@@ -182,10 +195,30 @@ def incomplete(root: Path) -> list[Path]:
 
 
 def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json, training_state.pt) of a complete checkpoint."""
-    state = json.loads((folder / STATE).read_text())
-    tensors = torch.load(folder / TENSORS, weights_only=True, map_location="cpu")
+    """(state.json, training_state.pt) of a complete checkpoint; a damaged one is named, with the way on."""
+    try:
+        state = json.loads((folder / STATE).read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a checkpoint's state")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise damaged(folder / STATE, err) from None
+    try:
+        tensors = torch.load(folder / TENSORS, weights_only=True, map_location="cpu")
+    except Exception as err:  # a truncated file: PytorchStreamReader's RuntimeError, or an unpickling error
+        raise damaged(folder / TENSORS, err) from None
     return state, tensors
+
+
+def damaged(path: Path, err: BaseException) -> LmtuneError:
+    """The error for a damaged file of a checkpoint marked complete: which, and the checkpoint before it."""
+    folder = path.parent
+    earlier = [c for c in complete(folder.parent) if c.name < folder.name]
+    way_on = (
+        f"to go on from the previous checkpoint, {earlier[-1]}, move {folder} away and resume again"
+        if earlier
+        else "no earlier checkpoint is kept: start over with --overwrite"
+    )
+    return LmtuneError(f"checkpoint {folder} is damaged: {path.name} cannot be read ({first_line(err)}); {way_on}")
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -221,13 +254,40 @@ def check_resumable(
     if held_out and saved.get("held_out") != HELD_OUT and not force:
         raise LmtuneError(
             f"cannot resume {output}: it was stopped by an earlier lmtune, which held out other documents of "
-            f"{cfg.data} for validation (now a hash of each document's text decides); resuming would go on "
+            f"{cfg.data_label} for validation (now a hash of each document's text decides); resuming would go on "
             "with other training data. Start over with --overwrite, or pass --force to go on all the same"
         )
     if changed and not force:
         raise LmtuneError(
             f"cannot resume {output}: these settings differ from the run's and change the model or the data "
             f"order: {', '.join(changed)}; use the run's settings (--recipe {output / runs.CONFIG}) or pass --force"
+        )
+
+
+def check_target(step: int, total_steps: int, output: Path) -> None:
+    """Refuse a resume whose target (--max-steps, or --epochs' steps) lies before the checkpoint's step."""
+    if total_steps < step:
+        raise LmtuneError(
+            f"cannot resume {output} with a target of {total_steps} steps: its checkpoint is at step {step}, "
+            f"so nothing would be trained; pass --max-steps {step + 1} or more"
+        )
+
+
+def check_same_data(saved: dict[str, Any], now: dict[str, Any], output: Path, force: bool) -> None:
+    """Refuse to resume on data other than the checkpoint's (unless forced), naming the files that changed.
+    Files are compared by path and size, then the documents and tokens they made."""
+    before = saved.get("data")
+    if before is None or force:  # written before lmtune kept it
+        return
+    old, new = before["files"], now["files"]
+    changed = [f"{f} ({'gone' if f not in new else 'new' if f not in old else 'changed size'})"
+               for f in sorted(old.keys() | new.keys()) if old.get(f) != new.get(f)]  # fmt: skip
+    counts = [f"{k} {before[k]:,} -> {now[k]:,}" for k in before if k != "files" and before[k] != now.get(k)]
+    if changed or counts:
+        what = ", ".join(changed) if changed else f"{', '.join(old)} ({'; '.join(counts)})"
+        raise LmtuneError(
+            f"cannot resume {output}: the data changed since its checkpoint: {what}; resuming would train and "
+            "validate on other data. Put the data back as it was, start over with --overwrite, or pass --force"
         )
 
 

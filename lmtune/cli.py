@@ -13,7 +13,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, get_args
+from typing import Annotated, Any, Literal, NoReturn, get_args
 
 import typer
 from rich.console import Console
@@ -121,6 +121,9 @@ def finetune(
     eval_every: Annotated[int | None, opt("eval_every", rich_help_panel=TRAIN)] = None,
     save_every: Annotated[int | None, opt("save_every", rich_help_panel=TRAIN)] = None,
     keep_checkpoints: Annotated[int | None, opt("keep_checkpoints", rich_help_panel=TRAIN)] = None,
+    keep_best: Annotated[bool | None, opt("keep_best", rich_help_panel=TRAIN)] = None,
+    early_stopping: Annotated[int | None, opt("early_stopping", rich_help_panel=TRAIN)] = None,
+    early_stopping_delta: Annotated[float | None, opt("early_stopping_delta", rich_help_panel=TRAIN)] = None,
     log_every: Annotated[int | None, opt("log_every", rich_help_panel=TRAIN)] = None,
     report_to: Annotated[str | None, opt("report_to", rich_help_panel=TRAIN)] = None,
     compile: Annotated[bool | None, opt("compile", rich_help_panel=TRAIN)] = None,
@@ -128,10 +131,17 @@ def finetune(
     push_to_hub: Annotated[str | None, opt("push_to_hub")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,
     resume: Annotated[
-        bool, typer.Option(help="Continue the unfinished run at --output from its newest complete checkpoint.")
+        bool,
+        typer.Option(
+            help="Continue the unfinished run at --output from its newest complete checkpoint. `--resume auto`: "
+            "that if there is one, else start the run; a finished run is left as it is (for requeued jobs)."
+        ),
     ] = False,
     force: Annotated[
-        bool, typer.Option(help="With --resume: continue even if settings that change the model or data order differ.")
+        bool,
+        typer.Option(
+            help="With --resume: continue even if settings that change the model or data order, or the data, differ."
+        ),
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Prepare everything and print the plan, without training.")] = False,
 ) -> None:
@@ -141,8 +151,11 @@ def finetune(
     |  lmtune finetune ./base --data chat.jsonl --data books.txt --data-weights 3,1
     """
     flags = {k: v for k, v in locals().items() if k in config.Config.model_fields}
-    models = [a for a in args or [] if "=" not in a]
-    overrides = [a for a in args or [] if "=" in a]
+    # `--resume auto`: --resume is a flag, so "auto" arrives among the arguments
+    how: bool | Literal["auto"] = "auto" if resume and "auto" in (args or []) else resume
+    args = [a for a in args or [] if not (how == "auto" and a == "auto")]
+    models = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
     if len(models) > 1 or (models and model and models[0] != model):
         given = ", ".join([*models, *([model] if model else [])])
         raise LmtuneError(f"expected one MODEL, got {given}; overrides are written key=value")
@@ -157,11 +170,15 @@ def finetune(
 
     # Under `accelerate launch` every process runs this; only the first (RANK 0) talks to the terminal.
     if os.environ.get("RANK", "0") != "0":
-        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=silent)
+        run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=how, force=force, report=silent)
         return
     with Display(console) as display:
-        result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=resume, force=force, report=display)
-    if dry_run:
+        result = run_finetune(cfg, dry_run=dry_run, overwrite=overwrite, resume=how, force=force, report=display)
+    if result.get("already_finished"):
+        console.print(
+            f"run {result['output']} already finished ({result['steps']} steps); nothing to train", soft_wrap=True
+        )
+    elif dry_run:
         title = "Dry run: nothing was trained and no run folder was made (tokenized data is cached for the real run)"
         console.print(plan_table(result, title))
     else:
@@ -221,6 +238,14 @@ def print_finished(result: dict[str, Any]) -> None:
         f'saved to [bold]{result["output"]}[/]; try: lmtune generate "..."  or  lmtune eval',
         soft_wrap=True,  # whole lines in a log file; a terminal wraps them itself
     )
+    if result.get("stopped_early_at") is not None:
+        console.print(f"stopped early at step {result['stopped_early_at']} of {result['total_steps']}: no improvement")
+    if result.get("best_step") is not None:
+        console.print(
+            f"the run folder holds the best model: step {result['best_step']}, loss {result['best_eval_loss']:.4f} "
+            f"(the figures above are the last step's)",
+            soft_wrap=True,
+        )
     if result["hub_url"]:
         console.print(f"uploaded to [bold]{result['hub_url']}[/]")
     if result["finished_despite"]:
@@ -329,14 +354,16 @@ def print_side_by_side(text: str, models: list[tuple[str, Any, Any]], chat: bool
 
 
 def stream_one(net: Any, tok: Any, given: list[str], echo: str, s: Any) -> None:
-    """One continuation, written as it is made."""
+    """One continuation, written as it is made, after the prompt: which is written with the first piece, so
+    that a notice about the prompt (too long for the context) comes before it, on a line of its own."""
     from lmtune.generate import generate
 
+    said = [echo]
+
     def write(piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write(said.pop() + piece if said else piece)
         sys.stdout.flush()
 
-    write(echo)
     generate(net, tok, given, s, on_text=write)
     write("\n")
 
@@ -793,6 +820,8 @@ def main(argv: list[str] | None = None) -> None:
     except LmtuneError as err:
         if os.environ.get("LMTUNE_DEBUG"):
             raise
+        if err.everywhere and os.environ.get("RANK", "0") != "0":  # the first process says it
+            sys.exit(err.exit_code)
         fail(str(err), err.exit_code)
     except KeyboardInterrupt:
         code = 130
@@ -800,6 +829,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LMTUNE_DEBUG"):
             raise
         first = (str(err).splitlines() or [""])[0]
+        if "closed by peer" in first or "reset by peer" in first:  # gloo's words for a process that is gone
+            fail(
+                "another process of this run ended (gloo: connection closed by peer), so this one stopped too; that "
+                "process's own error, or the launcher's line about it, says why. Resume with --resume",
+                1,
+            )
         fail(f"{type(err).__name__}: {first} (LMTUNE_DEBUG=1 shows the traceback)", 1)
     if code == 130:  # click turns a Ctrl-C into exit code 130
         err_console.print("[bold red]interrupted[/]")

@@ -131,6 +131,12 @@ class Config(BaseModel):
     """Save a resumable checkpoint every N optimizer steps; 0 never. Default: with each evaluation."""
     keep_checkpoints: int = Field(2, gt=0)
     """How many of the newest checkpoints to keep; older ones are deleted once a newer one is complete."""
+    keep_best: bool = False
+    """Keep the checkpoint with the best evaluation loss out of the rotation; the run folder's model is then the best one."""
+    early_stopping: int | None = Field(None, gt=0)
+    """Stop after N evaluations in a row that do not improve on the best by more than --early-stopping-delta."""
+    early_stopping_delta: float = Field(0.0, ge=0)
+    """A drop in evaluation loss (nats) below the best must exceed this to count as an improvement (and as the best)."""
     log_every: int = Field(10, gt=0)
     """Log training loss every N optimizer steps."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -213,6 +219,16 @@ class Config(BaseModel):
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.lora and self.from_scratch:
             raise ValueError("--lora adapts pretrained weights; it cannot train a model --from-scratch")
+        if self.early_stopping and self.eval_every == 0:
+            raise ValueError("--early-stopping counts evaluations, and --eval-every 0 makes none before the end")
+        # AdamW multiplies the weights by 1 - lr x decay each step. A huge --lr is the learning rate's fault (the
+        # run stops at a non-finite loss and says so); a decay above 1 that does this is the decay's.
+        if self.weight_decay > 1 and self.learning_rate * self.weight_decay >= 1:
+            raise ValueError(
+                f"weight_decay {self.weight_decay:g} with lr {self.learning_rate:g} would zero or flip the weights at "
+                f"every step (AdamW multiplies them by 1 - lr x weight_decay); use a weight_decay below "
+                f"{1 / self.learning_rate:g} (usually 0 to 0.1)"
+            )
         return self
 
     @property
@@ -241,6 +257,7 @@ RESUME_MAY_CHANGE = (
     "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
     "mixed_precision", "eval_every", "save_every", "keep_checkpoints", "log_every", "report_to", "compile",
     "output", "push_to_hub",
+    "keep_best", "early_stopping", "early_stopping_delta",
 )  # fmt: skip
 
 

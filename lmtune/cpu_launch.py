@@ -60,8 +60,37 @@ def launch_cpu_processes(processes: int, machines: int, rank: int, argv: list[st
     # failed ("invalid device ordinal", seen on an H100 machine).
     env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}", f"--node-rank={rank}",
+        sys.executable, "-m", "lmtune.cpu_launch", f"--nnodes={machines}", f"--node-rank={rank}",
         f"--nproc-per-node={here}", f"--master-addr={env['MASTER_ADDR']}",
         f"--master-port={env.get('MASTER_PORT', '29500')}", "-m", "lmtune", *argv,
     ]  # fmt: skip
     return subprocess.call(cmd, env=env)
+
+
+def torchrun(argv: list[str]) -> int:
+    """torch's launcher (torchrun) with `argv`, without its report of a failed process (a traceback and a
+    table of ranks, exit codes and pids): the process that failed has said why in lmtune's one line. One
+    killed by a signal could not, so that is said here. Returns the exit code of the first that failed."""
+    import logging
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    for name in list(logging.root.manager.loggerDict):  # "failed (exitcode: 1) local_rank: 1 ...", said already
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode
+        name = signal.Signals(-failure.exitcode).name
+        print(f"error: process {rank} of the run was killed by {name}; resume the run with --resume", file=sys.stderr)
+        return 128 - failure.exitcode
+    return 0
+
+
+if __name__ == "__main__":  # lmtune's CPU processes, started by launch_cpu_processes
+    sys.exit(torchrun(sys.argv[1:]))

@@ -56,6 +56,8 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
         ("precision", plan["mixed_precision"] + (", compiled: the first steps take longer" if plan["compile"] else "")),
         ("output", plan["output"]),
     ]
+    if "start" in plan:
+        rows.append(("start", plan["start"]))
     if "estimated_seconds" in plan:
         rows.append(("estimated time", f"{duration(plan['estimated_seconds'])} of training (evaluations not included)"))
     if "peak_gpu_memory_bytes" in plan:
@@ -198,6 +200,12 @@ class Display:
                 self.progress.update(self._task("training", None), info=self.info)
             else:
                 self.print(f"step {event['step']}  {self.info}")
+        elif kind == "stopped_early":
+            self.print(
+                f"[yellow]stopped early[/] at step {event['step']}: {event['evaluations']} evaluations without an "
+                f"improvement of more than {event['delta']:g}; the best was step {event['best_step']} "
+                f"(loss {event['best_eval_loss']:.4f})"
+            )
         elif kind == "eval":
             per_source = "  ".join(f"{escape(one['name'])} {one['eval_loss']:.4f}" for one in event.get("sources", []))
             self.print(

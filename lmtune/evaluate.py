@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtune import batches, data, loss, runs
+from lmtune import batches, checkpoint, data, loss, runs
 from lmtune.config import Config, build
 from lmtune.data import plan as data_plan
 from lmtune.data import streaming
@@ -25,7 +25,7 @@ from lmtune.data.types import DataPlan, SourcePlan, Split
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report
 from lmtune.generate import load
-from lmtune.model import context_length, resolve_block_size
+from lmtune.model import context_length, load_tokenizer, resolve_block_size
 
 
 @dataclass
@@ -204,6 +204,21 @@ def run_validation(plan: DataPlan, cfg: Config, tokenizer: Any, report: Report) 
     return [c.validation for c in data.load_corpora(plan, tokenizer, report)]
 
 
+def check_models(models: list[str]) -> None:
+    """Before any work: every model can be found (its tokenizer loads), and none is an unfinished run, so that
+    a missing second model does not lose the first one's figures."""
+    for name in models:
+        folder = Path(name).expanduser()
+        if (folder / runs.CONFIG).is_file() and not (folder / runs.SUMMARY).is_file():
+            kept = checkpoint.complete(folder / runs.CHECKPOINTS)
+            newest = f"evaluate its newest checkpoint (lmtune eval {kept[-1]} --data DATA) or " if kept else ""
+            raise LmtuneError(
+                f"{name} is an unfinished run (no {runs.SUMMARY}): {newest}finish it first: "
+                f"lmtune finetune --recipe {folder / runs.CONFIG} --output {folder} --resume"
+            )
+        load_tokenizer(name, what="model", needs_eos=False)
+
+
 def evaluate_models(
     models: list[str],
     data_spec: str | None,
@@ -218,6 +233,7 @@ def evaluate_models(
     def run_of(name: str) -> Path | None:
         return Path(name) if (Path(name) / runs.CONFIG).is_file() and (Path(name) / runs.SUMMARY).is_file() else None
 
+    check_models(models)
     run = next((r for r in map(run_of, models) if r), None)
     if data_spec is None and run is None:
         raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")
@@ -228,6 +244,11 @@ def evaluate_models(
     for name in models:
         report({"event": "phase", "phase": f"loading {name}"})
         net, tok = load(name)
+        if tok.eos_token_id is None:
+            raise LmtuneError(
+                f"the tokenizer of {name} has no EOS token; lmtune eval scores documents joined by EOS into one "
+                "stream, as training saw them, so it cannot score this model's perplexity (eval --generate can)"
+            )
         own_run = run_of(name)
         window = resolve_block_size(block_size or (trained_block_size(own_run) if own_run else None), net)
         step = stride or window

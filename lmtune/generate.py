@@ -55,7 +55,7 @@ class Sampling:
 
 def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
-    tok = load_tokenizer(model, trust_remote_code, what="model")
+    tok = load_tokenizer(model, trust_remote_code, what="model", needs_eos=False)  # then it stops at the length
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     if lora.is_adapter(model):  # a LoRA run: its base model with the adapter merged in
         net = lora.load_merged(model, torch_dtype, trust_remote_code)
@@ -100,9 +100,9 @@ def generate(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if enc["input_ids"].shape[1] == 0:
         # An empty prompt: start from EOS, which is how the model saw every document begin.
-        enc = tokenizer([tokenizer.eos_token] * len(prompts), return_tensors="pt", add_special_tokens=False).to(
-            model.device
-        )
+        enc = tokenizer(
+            [tokenizer.eos_token or tokenizer.pad_token] * len(prompts), return_tensors="pt", add_special_tokens=False
+        ).to(model.device)
     context = context_length(model)
     length = enc["input_ids"].shape[1]  # the longest prompt: the others are left-padded to it
     new = s.max_new_tokens
@@ -132,7 +132,7 @@ def generate(
 def context_note(prompts: int, length: int, keep: int, new: int, asked: int, context: int) -> str:
     """One line saying how the prompts and the new tokens were made to fit the context."""
     which = "the prompt" if prompts == 1 else "the longest prompt"
-    said = f"{which} is {length} tokens and the model's context {context}: "
+    said = f"{which} is {length} token{'s' if length != 1 else ''} and the model's context {context}: "
     kept = f"keeping its last {keep} tokens" if prompts == 1 else f"keeping the last {keep} tokens of each prompt"
     if keep == length:
         return said + f"generating at most {new} new tokens, not {asked}"

@@ -7,6 +7,7 @@ into its config, prints it or writes it anywhere.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -33,12 +34,13 @@ def check_push(repo: str, *, command: Literal["finetune", "push"] = "finetune") 
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise LmtuneError(f"{who} {repo}: name the repo as user/name or org/name")
     if constants.HF_HUB_OFFLINE:
+        # huggingface_hub is offline with either variable set; name the one that is
+        hub_offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        which = "HF_HUB_OFFLINE" if hub_offline else "TRANSFORMERS_OFFLINE"
         if command == "push":
-            raise LmtuneError(
-                "lmtune push needs the network, but HF_HUB_OFFLINE is set; unset it (HF_HUB_OFFLINE=0) and try again"
-            )
+            raise LmtuneError(f"lmtune push needs the network, but {which} is set; unset it ({which}=0) and try again")
         raise LmtuneError(
-            "--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it, or train without "
+            f"--push-to-hub needs the network, but {which} is set; unset it, or train without "
             "--push-to-hub and upload later with `lmtune push RUN REPO`"
         )
     if get_token() is None:

@@ -94,6 +94,8 @@ def load_merged(folder: str | Path, dtype: Any, trust_remote_code: bool = False)
 def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
     """Write the base model with the adapter of `run` merged in as a plain model folder (no peft needed to load it)."""
     run = Path(run).expanduser()
+    if not run.exists():
+        raise LmtuneError(f"{run} does not exist; pass the folder of a run trained with --lora")
     if not is_adapter(run):
         raise LmtuneError(f"{run} holds no LoRA adapter ({ADAPTER_CONFIG}); only runs trained with --lora need merging")
     if output.resolve() == run.resolve() or run.resolve().is_relative_to(output.resolve()):

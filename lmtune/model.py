@@ -76,8 +76,11 @@ def damaged_file(folder: Path) -> str:
     return "a weights file"
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "tokenizer") -> PreTrainedTokenizerBase:
-    """The tokenizer at `name`; `what` names it in errors ("model" when it comes with the model)."""
+def load_tokenizer(
+    name: str, trust_remote_code: bool = False, what: str = "tokenizer", needs_eos: bool = True
+) -> PreTrainedTokenizerBase:
+    """The tokenizer at `name`; `what` names it in errors ("model" when it comes with the model). needs_eos:
+    refuse one without EOS (training joins documents with it; generating only stops at it when there is one)."""
     folder = Path(name).expanduser()
     if what == "model" and folder.is_dir() and not any((folder / f).is_file() for f in MODEL_FILES):
         raise LmtuneError(
@@ -88,12 +91,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "toke
     ):
         raise LmtuneError(f"{name} has no tokenizer files; pass --tokenizer with a tokenizer folder or hub id")
     tok = from_pretrained(AutoTokenizer, name, what, trust_remote_code=trust_remote_code)
-    if tok.eos_token_id is None:
+    if tok.eos_token_id is None and needs_eos:
         raise LmtuneError(f"tokenizer {name} has no EOS token, which lmtune joins documents with")
     if tok.pad_token is None:
         # GPT-2 has no pad token. Training packs blocks and never pads; generation pads prompts on the
-        # left with EOS and masks them out, which is the standard, harmless choice.
-        tok.pad_token = tok.eos_token
+        # left with EOS (any token without one) and masks them out, which is the standard, harmless choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     tok.padding_side = "left"
     return tok
 

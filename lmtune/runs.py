@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from lmtune import atomic
 from lmtune.config import Config
@@ -56,42 +57,85 @@ def default_output(cfg: Config) -> Path:
     return Path("runs") / f"{start}-{short(cfg.data_label)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+# How a run starts (check_output), said in its plan.
+NEW, RESUME, START_OVER, FINISHED = "new", "resume", "start over", "finished"
+
+
 def check_output(
-    output: Path, model: str | None, overwrite: bool, resume: bool = False, inputs: dict[str, str | None] | None = None
-) -> None:
-    """Refuse to write over an existing run or into the model being trained; say when --resume applies.
+    output: Path,
+    model: str | None,
+    overwrite: bool,
+    resume: bool | Literal["auto"] = False,
+    inputs: dict[str, str | None] | None = None,
+    check: bool = True,
+) -> str:
+    """How the run in `output` starts (NEW, RESUME, START_OVER or FINISHED); refuse to write over an existing
+    run or into the model being trained, and say when --resume applies.
 
     The rule, with no prompt: a new run needs an empty or missing folder (or --overwrite); --resume needs
-    an unfinished run (no summary.json) there. `inputs` (model, tokenizer, data, ... by name): local paths
-    that --overwrite must not delete.
+    an unfinished run (no summary.json) there. --resume auto: resume when there is a complete checkpoint,
+    else start (over, in a folder holding an unfinished run of lmtune's); a finished run is FINISHED.
+    `inputs` (model, tokenizer, data, ... by name): local paths that --overwrite must not delete.
+    check=False (a dry run): only which it would be.
     """
+    from lmtune import checkpoint
+
+    resumable = bool(checkpoint.complete(output / CHECKPOINTS))
+    if not check:
+        return RESUME if resume is True or (resume == "auto" and resumable) else NEW
     if model and Path(model).exists() and output.resolve().is_relative_to(Path(model).resolve()):
         raise LmtuneError(f"--output {output} is inside the model folder {model}; choose a folder outside it")
-    if overwrite and output.exists():
-        for what, value in (inputs or {}).items():
-            if value and Path(value).exists() and Path(value).resolve().is_relative_to(output.resolve()):
-                raise LmtuneError(
-                    f"--overwrite would delete {output}, which holds this run's {what} ({value}); "
-                    "move it out first or choose another --output"
-                )
+    if overwrite:
+        keep_inputs(output, inputs, "--overwrite")
     if output.exists() and not output.is_dir():
         raise LmtuneError(f"--output {output} is a file; choose a folder")
     if resume and overwrite:
         raise LmtuneError("--resume continues a run and --overwrite replaces it; pass one of them")
     finished = (output / SUMMARY).is_file()
     empty = not output.is_dir() or not any(p.name != LOCK for p in output.iterdir())
-    if resume:
+    unfinished = not finished and any((output / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS))
+    if resume == "auto":
+        if finished:
+            return FINISHED
+        if resumable:
+            return RESUME
+        if unfinished:  # stopped before its first checkpoint was complete: only starting over is left
+            keep_inputs(output, inputs, "--resume auto (starting over)")
+            return START_OVER
+    elif resume:
         if empty:
             raise LmtuneError(f"nothing to resume: {output} does not exist; pass the --output of the stopped run")
         if finished:
             raise LmtuneError(f"run {output} already finished (it has {SUMMARY}); nothing to resume")
-        return
+        return RESUME
     if not empty and not overwrite:
-        if not finished and (output / CHECKPOINTS).is_dir():
+        if unfinished and (output / CHECKPOINTS).is_dir():
             raise LmtuneError(
                 f"run folder {output} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
             )
         raise LmtuneError(f"run folder {output} already exists; choose another --output or pass --overwrite")
+    return NEW
+
+
+def keep_inputs(output: Path, inputs: dict[str, str | None] | None, flag: str) -> None:
+    """Refuse to empty `output` when it holds one of the run's own inputs (model, data, ... by name)."""
+    if not output.exists():
+        return
+    for what, value in (inputs or {}).items():
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(output.resolve()):
+            raise LmtuneError(
+                f"{flag} would delete {output}, which holds this run's {what} ({value}); "
+                "move it out first or choose another --output"
+            )
+
+
+def describe_start(start: str, resume_from: Path | None) -> str:
+    """The plan's line on how the run starts."""
+    if resume_from:
+        return f"resumed from {resume_from.parent.name}/{resume_from.name}"
+    if start == START_OVER:
+        return "started over (--resume auto): no complete checkpoint to resume from"
+    return "new run"
 
 
 def remember(run: Path) -> None:
@@ -107,8 +151,9 @@ def remember(run: Path) -> None:
 
 class Lock:
     """The run folder held by this process (an flock on `.lmtune.lock` inside it), released when the
-    process ends however it ends, kill -9 included. A folder this made and left holding only the lock is
-    removed again on exit (a run that failed before writing anything)."""
+    process ends however it ends, kill -9 included. The lock file is removed when the run ends; one left
+    by a killed run is taken over, saying so. A folder this made and left empty is removed again on exit
+    (a run that failed before writing anything)."""
 
     def __init__(self, output: Path):
         self.output = output
@@ -119,17 +164,27 @@ class Lock:
         if self.output.exists() and not self.output.is_dir():
             raise LmtuneError(f"--output {self.output} is a file; choose a folder")
         self.output.mkdir(parents=True, exist_ok=True)
-        self.file = (self.output / LOCK).open("a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
+        path = self.output / LOCK
+        while True:
+            self.file = path.open("a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "?"
+                self.file.close()
+                raise LmtuneError(
+                    f"another lmtune run (process {holder}) is writing to {self.output}; wait for it to finish "
+                    "or choose another --output"
+                ) from None
+            # The run that held it may have removed the file between our open and our lock: then ours is
+            # a lock on a file nobody else will open, and the one at `path` is taken again.
+            if path.exists() and os.stat(path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                break
             self.file.close()
-            raise LmtuneError(
-                f"another lmtune run (process {holder}) is writing to {self.output}; wait for it to finish "
-                "or choose another --output"
-            ) from None
+        self.file.seek(0)
+        if stale := self.file.read().strip():  # no process holds it: the run that wrote it was killed
+            log.info("taking over %s of process %s, which has ended without removing it", path, stale)
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
@@ -137,9 +192,10 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         assert self.file
+        with contextlib.suppress(OSError):  # a folder made read-only keeps it; it is stale then, not held
+            (self.output / LOCK).unlink()  # while still held, so nobody takes a lock on a removed file
         self.file.close()
-        if self.made and [p.name for p in self.output.iterdir()] == [LOCK]:
-            (self.output / LOCK).unlink()
+        if self.made and self.output.is_dir() and not any(self.output.iterdir()):
             self.output.rmdir()
 
 

@@ -60,9 +60,9 @@ class StopSignals:
         name = signal.Signals(self.signal or signal.SIGTERM).name
         code = 128 + (self.signal or signal.SIGTERM)
         if saved_to is None:  # before the first step of a new run
-            return LmtuneError(f"stopped by {name} before the first step; start over with --overwrite", code)
+            return LmtuneError(f"stopped by {name} before the first step; start over with --overwrite", code, True)
         return LmtuneError(
-            f"stopped by {name} after step {step}; checkpoint saved in {saved_to}. {resume_hint(output)}", code
+            f"stopped by {name} after step {step}; checkpoint saved in {saved_to}. {resume_hint(output)}", code, True
         )
 
 
@@ -80,11 +80,13 @@ def non_finite(output: Path, lr: float, what: str) -> LmtuneError:
     if not kept:
         return LmtuneError(
             f"{what}; stopped, and no checkpoint had been saved. Start over with --overwrite and a lower --lr "
-            f"(this run's was {lr:g}), keep --max-grad-norm on, or use --mixed-precision no"
+            f"(this run's was {lr:g}), keep --max-grad-norm on, or use --mixed-precision no",
+            everywhere=True,  # every process finds it together (a gather or a reduce)
         )
     return LmtuneError(
         f"{what}; stopped before saving. The last checkpoint, {kept[-1]}, is good: go on from it with a lower "
-        f"learning rate. {resume_hint(output, f'--lr {lr / 10:g}')}"
+        f"learning rate. {resume_hint(output, f'--lr {lr / 10:g}')}",
+        everywhere=True,
     )
 
 

@@ -15,21 +15,23 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
-from lmtune import batches, card, checkpoint, hub, loss, runs
+from lmtune import atomic, batches, card, checkpoint, data, hub, loss, runs
 from lmtune.config import Config
 from lmtune.data import plan as data_plan
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, first_line
 from lmtune.evaluate import Score, score
 from lmtune.events import Report, log_report
 from lmtune.setup import Run, check_inputs, peak_memory, prepare, timed_passes
-from lmtune.stop import StopSignals, final_save_failed, non_finite
+from lmtune.stop import StopSignals, final_save_failed, non_finite, resume_hint
 
 log = logging.getLogger("lmtune")
 
@@ -49,6 +51,10 @@ class Progress:
     batch_in_epoch: int = shared(0)  # micro-batches of this epoch done
     tokens_seen: int = shared(0)
     train_seconds: float = shared(0.0)  # time in training steps; evaluations and saves not counted
+    best_step: int | None = shared(None)  # the best evaluation (lower by more than --early-stopping-delta) ...
+    best_loss: float | None = shared(None)  # ... and its loss; step 0 (the base model) is not a candidate
+    evals_since_best: int = shared(0)  # evaluations in a row without an improvement: --early-stopping's count
+    stopped_early_at: int | None = shared(None)
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # token-weighted, since the last log
     loss_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # label tokens in it
     rng: dict[str, Any] | None = None  # a resumed process's random states, restored right before its next step
@@ -64,7 +70,11 @@ class Progress:
     @classmethod
     def restored(cls, common: dict[str, Any], own: dict[str, Any], device: Any) -> Progress:
         """The inverse of `saved`, on `device`."""
-        p = cls(**{f.name: common[f.name] for f in fields(cls) if f.metadata.get("checkpoint")}, rng=own["rng"])
+        # .get: a checkpoint written before a field existed holds its default
+        p = cls(
+            **{f.name: common.get(f.name, f.default) for f in fields(cls) if f.metadata.get("checkpoint")},
+            rng=own["rng"],
+        )
         p.to(device)
         p.loss_sum.fill_(own["loss_sum"])
         p.loss_tokens.fill_(own["loss_tokens"])
@@ -85,44 +95,49 @@ def finetune(
     *,
     dry_run: bool = False,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     force: bool = False,
     report: Report = log_report,
 ) -> dict[str, Any]:
     """Fine-tune (or train from scratch) as `cfg` says. Returns the summary, or the plan with dry_run.
 
-    resume: continue the run in cfg.output from its newest complete checkpoint; force: even if settings
-    that decide the model or the data order changed.
+    resume: continue the run in cfg.output from its newest complete checkpoint; "auto": that if there is
+    one, else start the run (a finished run is returned as it is, with `already_finished`); force: even if
+    settings that decide the model or the data order, or the data itself, changed.
     """
     cfg, output = check_inputs(cfg, dry_run)
     # The run folder is held from here to the end, so a second run on it is refused before it tokenizes.
     # By the first process only (accelerate's main process is global rank 0, RANK under torchrun).
     holds_folder = not dry_run and os.environ.get("RANK", "0") == "0"
     with runs.Lock(output) if holds_folder else contextlib.nullcontext(), StopSignals() as stop:
-        if not dry_run:
-            inputs = {"model": cfg.model, "tokenizer": cfg.tokenizer, "validation data": cfg.validation_data}
-            for d in cfg.data_sources():
-                inputs |= {f"data {d.path}": d.path, f"validation data {d.validation}": d.validation}
-            runs.check_output(output, cfg.model, overwrite, resume, inputs)
-        resume_from = checkpoint.find_resume_checkpoint(output, report) if resume else None
+        inputs = {"model": cfg.model, "tokenizer": cfg.tokenizer, "validation data": cfg.validation_data}
+        for d in cfg.data_sources():
+            inputs |= {f"data {d.path}": d.path, f"validation data {d.validation}": d.validation}
+        start = runs.check_output(output, cfg.model, overwrite, resume, inputs, check=not dry_run)
+        if start == runs.FINISHED:  # --resume auto on a finished run: nothing to do
+            return {**json.loads((output / runs.SUMMARY).read_text()), "already_finished": True}
+        resume_from = checkpoint.find_resume_checkpoint(output, report) if start == runs.RESUME else None
+        saved, tensors = checkpoint.load(resume_from) if resume_from else ({}, {})  # a damaged one fails now
         run = prepare(cfg, output, resume_from, report)
+        run.plan["start"] = runs.describe_start(start, resume_from)
         if dry_run:
             return {**run.plan, **timed_passes(run)}
         run.say({"event": "plan", **run.plan})
-        saved, tensors = checkpoint.load(resume_from) if resume_from else ({}, {})
         if saved:
             held_out = any(src.validation == "held_out" for src in run.data_plan.sources)
             acc = run.accelerator
             checkpoint.check_resumable(saved, run.cfg, acc.num_processes, run.fsdp, held_out, output, force)
             check_same_plan(run, force)
-        start_run_folder(run, saved, overwrite)
+            checkpoint.check_same_data(saved, data_fingerprint(run), output, force)
+            checkpoint.check_target(saved["step"], run.total_steps, output)
+        start_run_folder(run, saved, overwrite or start == runs.START_OVER)
         progress = resumed(run, saved, tensors) if saved else Progress().to(run.accelerator.device)
         stop.armed = True  # from here a signal asks for a checkpoint at the next step
         base = Score(**saved["base"]) if saved else evaluate(run, progress)
         if stop.requested(run.accelerator):
             raise stop.error(progress.step, resume_from, output)
-        train(run, progress, base, stop)
-        return finish(run, progress, base, stop)
+        last = train(run, progress, base, stop)
+        return finish(run, progress, base, stop, last)
 
 
 def check_same_plan(run: Run, force: bool) -> None:
@@ -146,14 +161,17 @@ def check_same_plan(run: Run, force: bool) -> None:
 
 def start_run_folder(run: Run, saved: dict[str, Any], overwrite: bool) -> None:
     """The run folder: the config first (a recipe that repeats the run), metrics as they come, summary last."""
-    if run.main:
+
+    def write() -> None:
         run.output.mkdir(parents=True, exist_ok=True)
         if overwrite:
             runs.clear(run.output)
-        (run.output / runs.CONFIG).write_text(run.cfg.to_yaml())
+        atomic.write_text(run.output / runs.CONFIG, run.cfg.to_yaml())
         data_plan.write(run.data_plan, run.output)  # what `eval`, `eval --generate` and resume read back
         if saved:  # what was logged after the checkpoint will be logged again
             checkpoint.keep_metrics_until(run.output / runs.METRICS, saved["step"])
+
+    on_main(run, write, lambda err: cannot_write(run, runs.CONFIG, err))
     if run.cfg.report_to != "none":  # the tracker's run: RUN/lmtune/ for tensorboard, project "lmtune" for wandb
         run.accelerator.init_trackers(
             "lmtune",
@@ -166,8 +184,9 @@ def start_run_folder(run: Run, saved: dict[str, Any], overwrite: bool) -> None:
 # --- the loop ---------------------------------------------------------------------------------------
 
 
-def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
-    """Optimizer steps until run.total_steps, evaluating and checkpointing on the way."""
+def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> tuple[Score, list[Score]] | None:
+    """Optimizer steps until run.total_steps (or an early stop), evaluating and checkpointing on the way.
+    Returns the evaluation of the step it stopped early at (the final one, already done), else None."""
     acc, cfg, model = run.accelerator, run.cfg, run.model
     start_epoch, skip = p.epoch, p.batch_in_epoch  # where the data starts: an epoch, and batches done in it
     if skip >= len(run.loader):
@@ -175,8 +194,9 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
     model.train()
     pieces = 1  # each micro-batch is split into this many (more after running out of GPU memory)
     tick = time.perf_counter()
+    scored = None
     for epoch in range(start_epoch, run.epochs):
-        if p.step >= run.total_steps:
+        if p.step >= run.total_steps or p.stopped_early_at is not None:
             break
         p.epoch = epoch
         run.loader.set_epoch(epoch)
@@ -234,11 +254,15 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
             # evaluate and checkpoint (not counted as training time); a signal saves one at once
             stopping = stop.requested(acc)
             last = p.step >= run.total_steps
+            best = False  # this step's evaluation is the best so far: --keep-best keeps its checkpoint
             if run.eval_every and p.step % run.eval_every == 0 and not last:
                 p.train_seconds += time.perf_counter() - tick
-                evaluate(run, p)
+                scored = evaluate_sources(run, p)
+                best = judge(run, p, scored[0])
                 tick = time.perf_counter()
-            if stopping or (run.save_every and p.step % run.save_every == 0 and not last):
+            if p.stopped_early_at is not None:  # the schedule is left as it is: the run just ends here
+                break
+            if stopping or (run.save_every and p.step % run.save_every == 0 and not last) or (best and cfg.keep_best):
                 p.train_seconds += time.perf_counter() - tick
                 saved_to = save_checkpoint(run, p, base)
                 tick = time.perf_counter()
@@ -248,6 +272,7 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
                 break
     p.train_seconds += time.perf_counter() - tick
     check_finite(run, p)
+    return scored if p.stopped_early_at is not None else None
 
 
 # --- the named steps -------------------------------------------------------------------------------
@@ -297,9 +322,12 @@ def fewer_rows(run: Run, group: list[Any], pieces: int, step: int) -> int:
 
 def record(run: Run, event: dict[str, Any]) -> None:
     """A figure of the run: to metrics.jsonl, to the tracker, and to the user."""
-    if run.main:
+
+    def write() -> None:
         with (run.output / runs.METRICS).open("a") as f:
             f.write(json.dumps(event) + "\n")
+
+    on_main(run, write, lambda err: cannot_write(run, runs.METRICS, err))
     if run.cfg.report_to != "none":
         numbers = {k: v for k, v in event.items() if k not in ("event", "step") and isinstance(v, int | float)}
         for one in event.get("sources", []):  # eval_loss/NAME: a curve per source
@@ -354,6 +382,65 @@ def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score]]:
     return s, scores
 
 
+def judge(run: Run, p: Progress, s: Score) -> bool:
+    """Whether evaluation `s` is the best so far, improving on the best by more than --early-stopping-delta;
+    after --early-stopping evaluations in a row that are not, the run stops early (said, and recorded)."""
+    cfg = run.cfg
+    if p.best_loss is None or s.loss < p.best_loss - cfg.early_stopping_delta:
+        p.best_step, p.best_loss, p.evals_since_best = p.step, s.loss, 0
+        return True
+    p.evals_since_best += 1
+    if cfg.early_stopping and p.evals_since_best >= cfg.early_stopping and p.step < run.total_steps:
+        p.stopped_early_at = p.step
+        record(run, {
+            "event": "stopped_early", "step": p.step, "evaluations": p.evals_since_best,
+            "delta": cfg.early_stopping_delta, "best_step": p.best_step, "best_eval_loss": p.best_loss,
+        })  # fmt: skip
+    return False
+
+
+def on_main(run: Run, write: Callable[[], Any], failed: Callable[[OSError], LmtuneError]) -> Any:
+    """`write` on the main process, which writes the run folder; `failed` turns its OSError into the error.
+
+    When it fails, every process stops with that error at once: the others would otherwise wait at their
+    next collective until its timeout, or fail there with the transport's own words. The main process
+    raises it (and prints it); the others raise it as `everywhere`, so it is printed once.
+    """
+    result: Any = None
+    error: Exception | None = None
+    said: list[tuple[str, int] | None] = [None]
+    if run.main:
+        try:
+            result = write()
+        except LmtuneError as err:
+            error = err
+        except OSError as err:
+            error = failed(err)
+        except Exception as err:  # a bug: the others stop too; this process shows its traceback on request
+            error = err
+        if error is not None:
+            words = str(error) if isinstance(error, LmtuneError) else f"{type(error).__name__}: {first_line(error)}"
+            said = [(words, getattr(error, "exit_code", 1))]
+    if run.accelerator.num_processes > 1:
+        broadcast_object_list(said)  # in place: the main process's outcome on every process
+    if error is not None:
+        raise error from None
+    if said[0] is not None:
+        raise LmtuneError(*said[0], everywhere=True)
+    return result
+
+
+def cannot_write(run: Run, name: str, err: OSError) -> LmtuneError:
+    """The error for a file of the run folder that could not be written: the cause, and the way on."""
+    kept = checkpoint.complete(run.output / runs.CHECKPOINTS)
+    way_on = f"Its last checkpoint, {kept[-1]}, is kept. " if kept else "No checkpoint was kept. "
+    then = resume_hint(run.output) if kept else "Then start over with --overwrite"
+    return LmtuneError(
+        f"could not write {run.output / name}: {checkpoint.reason(err)}; the run stopped. {way_on}Make {run.output} "
+        f"writable (or free space). {then}"
+    )
+
+
 def check_finite(run: Run, p: Progress) -> None:
     """Stop, saving nothing, if any process saw a non-finite loss or gradient norm (one sync)."""
     bad = run.accelerator.gather(p.bad_step.reshape(1))
@@ -384,17 +471,34 @@ def save_checkpoint(run: Run, p: Progress, base: Score) -> Path | None:
     weights = checkpoint.whole_weights(run.accelerator, run.model)
     optimizer_state = checkpoint.optimizer_state(run.model, run.optimizer, run.fsdp)
     run.accelerator.wait_for_everyone()
-    if not run.main:
-        return None
     state = {
         **common, "scheduler": run.scheduler.state_dict(), "base": asdict(base),
         "processes": run.accelerator.num_processes, "fsdp": run.fsdp, "config": run.cfg.model_dump(exclude={"output"}),
-        "held_out": checkpoint.HELD_OUT,
+        "held_out": checkpoint.HELD_OUT, "data": data_fingerprint(run),
     }  # fmt: skip
-    return checkpoint.save(
-        run.output / runs.CHECKPOINTS, p.step, run.cfg.keep_checkpoints, run.plain, weights, run.tokenizer,
-        optimizer_state, processes, state,
+    root = run.output / runs.CHECKPOINTS
+    best = root / checkpoint.folder_name(p.best_step) if run.cfg.keep_best and p.best_step else None
+    save = partial(
+        checkpoint.save, root, p.step, run.cfg.keep_checkpoints, run.plain, weights, run.tokenizer, optimizer_state,
+        processes, state, best,
     )  # fmt: skip
+    # checkpoint.save turns a failed write into its own error; `failed` is for what it did not foresee
+    saved_to: Path | None = on_main(run, save, lambda err: cannot_write(run, runs.CHECKPOINTS, err))
+    return saved_to
+
+
+def data_fingerprint(run: Run) -> dict[str, Any]:
+    """What the run trains and validates on, kept in each checkpoint so that resume notices other data:
+    each local file's path and size (data.identity, without the mtime, which a copy changes) or a hub
+    dataset's fingerprint, and the plan's counts of documents and tokens."""
+    files: dict[str, Any] = {}
+    for spec in (s for src in run.data_plan.sources for s in (src.data, src.validation_data)):
+        if spec and Path(spec).exists():
+            files.update({path: size for path, size, _ in data.identity(spec)})
+        elif spec and not run.cfg.streaming:  # a stream's identity would download the whole dataset
+            files[spec] = data.identity(spec)[1]
+    counts = ("documents", "train_tokens_available", "validation_documents", "validation_tokens")
+    return {"files": files, **{key: run.plan[key] for key in counts}}
 
 
 def resumed(run: Run, saved: dict[str, Any], tensors: dict[str, Any]) -> Progress:
@@ -406,15 +510,22 @@ def resumed(run: Run, saved: dict[str, Any], tensors: dict[str, Any]) -> Progres
     return Progress.restored(saved, own, run.accelerator.device)
 
 
-def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, Any]:
-    """Final evaluation, the model, curves, card and summary (last: it marks a complete run), teardown, upload.
+def finish(
+    run: Run, p: Progress, base: Score, stop: StopSignals, scored: tuple[Score, list[Score]] | None
+) -> dict[str, Any]:
+    """Final evaluation (`scored`, the whole and each source's, when the run stopped early: done), the model (with --keep-best the best
+    checkpoint's), curves, card and summary (last: it marks a complete run), teardown, upload.
 
     A signal from here on finishes the run: saving it takes as long as the checkpoint a signal asks for.
     """
-    acc = run.accelerator
-    final, per_source = evaluate_sources(run, p)
+    acc, cfg = run.accelerator, run.cfg
+    final, per_source = evaluate_sources(run, p) if scored is None else scored
+    if scored is None:
+        judge(run, p, final)
+    best = run.output / runs.CHECKPOINTS / checkpoint.folder_name(p.best_step or 0)
+    from_best = cfg.keep_best and p.best_step != p.step  # the run folder's model is an earlier checkpoint's
     check_weights(run, p)
-    weights = checkpoint.whole_weights(acc, run.model)
+    weights = {} if from_best else checkpoint.whole_weights(acc, run.model)
     acc.wait_for_everyone()
     summary = {
         **run.plan, "steps": p.step, "train_tokens": p.tokens_seen, "train_seconds": p.train_seconds,
@@ -423,17 +534,31 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
         "base_eval_perplexity": base.perplexity, "base_eval_bits_per_byte": base.bits_per_byte,
         "resumed_from": str(run.resume_from) if run.resume_from else None, **peak_memory(acc.device),
         "sources": finished_sources(run, p, per_source),
+        "stopped_early_at": p.stopped_early_at,
+        # --keep-best: the step whose model the run folder holds; eval_loss and the rest are the last step's
+        **({"best_step": p.best_step, "best_eval_loss": p.best_loss} if cfg.keep_best else {}),
     }  # fmt: skip
-    if run.main:
+    # The card's "after" is the model the folder holds. Bits per byte scale with the loss: the same stream.
+    kept = {
+        "eval_loss": p.best_loss, "eval_perplexity": math.exp(p.best_loss or 0),
+        "eval_bits_per_byte": final.bits_per_byte * (p.best_loss or 0) / final.loss,
+    } if from_best else {}  # fmt: skip
+
+    def write() -> None:
         try:
-            checkpoint.save_model(run.plain, weights, run.tokenizer, run.output)
+            if from_best:
+                checkpoint.copy_model(best, run.output)
+            else:
+                checkpoint.save_model(run.plain, weights, run.tokenizer, run.output)
         except Exception as err:  # a full disk: say what was lost, what was kept and how to go on
             raise final_save_failed(run.output, p.step, err) from None
         # What a person reads: the training curves and a model card (README.md, the hub's format).
         card.plot_curves(run.output, base.perplexity)
-        (run.output / runs.CARD).write_text(card.model_card(run.output, run.cfg, summary))
-        (run.output / runs.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(run.output / runs.CARD, card.model_card(run.output, cfg, {**summary, **kept}))
+        atomic.write_text(run.output / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
         runs.remember(run.output)
+
+    on_main(run, write, lambda err: cannot_write(run, runs.SUMMARY, err))
     # Every process tears down its process group together, after the main one has written the run.
     acc.wait_for_everyone()
     # The DDP wrapper goes first. Its reducer holds the process group and, as the last holder, would free

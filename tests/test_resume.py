@@ -40,6 +40,17 @@ def test_kill_9_then_resume_is_exact_with_two_sources_mixed(tmp_path):
 
 
 @pytest.mark.slow
+def test_kill_9_then_the_same_resume_auto_command_is_exact(bench):
+    """A requeued job runs one command every time: `--resume auto` starts the run, and after kill -9 resumes it."""
+    r = bench.kill_and_resume(random.choice(KILL_STEPS), "auto", auto=True)
+    assert r["killed_exit"] == -signal.SIGKILL and not r["finished_before_kill"], r
+    assert r["resume_exit"] == 0, r["resume_stderr"][-2000:]
+    assert "resumed from checkpoints/step-" in r["resume_stdout"], r["resume_stdout"][-2000:]
+    assert r["close_records"], r["first_difference"]
+    assert r["close_weights"], r["weight_difference"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_exits_non_zero(bench, sig, code):
     r = bench.kill_and_resume(4, f"signal-{sig}", sig)

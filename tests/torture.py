@@ -135,13 +135,16 @@ class Bench:
         assert done.returncode == 0, done.stderr[-2000:]
         self.expected = records(self.reference)
 
-    def kill_and_resume(self, step: int, name: str, sig: int = signal.SIGKILL) -> dict:
-        """Stop a run with `sig` at `step`, resume it, and compare it with the reference."""
+    def kill_and_resume(self, step: int, name: str, sig: int = signal.SIGKILL, auto: bool = False) -> dict:
+        """Stop a run with `sig` at `step`, resume it, and compare it with the reference. auto: both commands
+        are the same `--resume auto` one, as a requeued job's."""
         run = self.folder / name
-        killed_exit, killed_stderr = kill_at(command(self.model, self.data, run), run, step, self.env, sig)
+        first = ("--resume", "auto") if auto else ()
+        killed_exit, killed_stderr = kill_at(command(self.model, self.data, run, *first), run, step, self.env, sig)
         stopped_at = last_step(run)
+        again = ("--resume", "auto") if auto else ("--resume",)
         resumed = subprocess.run(
-            command(self.model, self.data, run, "--resume"), capture_output=True, text=True, env=self.env
+            command(self.model, self.data, run, *again), capture_output=True, text=True, env=self.env
         )
         done = resumed.returncode == 0
         got = records(run) if done else []
@@ -154,6 +157,7 @@ class Bench:
             "killed_stderr": killed_stderr,
             "finished_before_kill": stopped_at >= STEPS,
             "resume_exit": resumed.returncode,
+            "resume_stdout": resumed.stdout,
             "resume_stderr": resumed.stderr,
             "exact": done and not difference and weights == 0,
             "close_records": done and not first_difference(self.expected, got, exact=False),

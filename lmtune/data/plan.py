@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lmtune.data.sources as sources
+from lmtune import atomic
 from lmtune.config import Config, DataSource
 from lmtune.data.types import DataPlan, SourcePlan
 from lmtune.errors import LmtuneError
@@ -123,7 +124,7 @@ def with_shape(plan: DataPlan, block_size: int, packing: bool) -> DataPlan:
 
 
 def write(plan: DataPlan, folder: Path) -> None:
-    (folder / PLAN).write_text(json.dumps(plan.as_dict(), indent=1) + "\n")
+    atomic.write_text(folder / PLAN, json.dumps(plan.as_dict(), indent=1) + "\n")
 
 
 def read(run: Path, cfg: Config | None = None) -> DataPlan:
