@@ -25,8 +25,8 @@ from lmtune import atomic, runs
 from lmtune.config import RESUME_MUST_MATCH, Config
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report
+from lmtune.runs import COMPLETE, complete, incomplete  # where a run folder's layout is defined
 
-COMPLETE = "COMPLETE"
 STATE = "state.json"
 TENSORS = "training_state.pt"
 
@@ -179,19 +179,6 @@ def reason(err: BaseException) -> str:
     if re.search(r"enforce fail at inline_container|file write failed", str(err)):  # torch.save's
         return f"a write failed: is the disk full? (torch: {first_line(err)})"
     return first_line(err)
-
-
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file())
-
-
-def incomplete(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file())
 
 
 def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,6 +24,7 @@ CHECKPOINTS = "checkpoints"  # resumable checkpoints, step-NNNNNNN/
 CARD = "README.md"  # the model card, in the hub's format
 CURVES = "curves.png"  # training and evaluation curves
 SUMMARY = "summary.json"  # the run's figures; written last, so it marks a complete run
+COMPLETE = "COMPLETE"  # in a checkpoint folder: written last, so it marks a checkpoint complete
 LOCK = ".lmtune.lock"  # held (flock) by the run writing the folder: a second run on it is refused
 
 
@@ -78,9 +79,7 @@ def check_output(
     `inputs` (model, tokenizer, data, ... by name): local paths that --overwrite must not delete.
     check=False (a dry run): only which it would be.
     """
-    from lmtune import checkpoint
-
-    resumable = bool(checkpoint.complete(output / CHECKPOINTS))
+    resumable = bool(complete(output / CHECKPOINTS))
     if not check:
         return RESUME if resume is True or (resume == "auto" and resumable) else NEW
     if model and Path(model).exists() and output.resolve().is_relative_to(Path(model).resolve()):
@@ -215,3 +214,16 @@ def latest() -> Path:
     if not (run / SUMMARY).is_file():
         raise LmtuneError(f"the latest run {run} is gone or unfinished; pass --model")
     return run
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file())
+
+
+def incomplete(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file())
