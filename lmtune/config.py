@@ -62,6 +62,8 @@ class Config(BaseModel):
     """Dropout on the adapter's input while training."""
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or all-linear: every linear layer but the output head (GPT-2: c_attn, c_proj, c_fc)."""
+    quantize: Literal["no", "4bit", "8bit"] = "no"
+    """QLoRA: hold the frozen base weights in 4 bits (NF4, double quantization) or 8, computed in the run's precision; needs --lora and bitsandbytes."""
 
     # --- data ---
     data: str | None = None
@@ -116,6 +118,10 @@ class Config(BaseModel):
     """Log training loss every N optimizer steps."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """Also log metrics to this tracker, through Accelerate: tensorboard (files in RUN/lmtune/) or wandb."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input and recompute the rest in backward: far less activation memory, about a third more compute."""
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
+    """AdamW, or bitsandbytes' with 8-bit states (a quarter of the memory); paged: spilled to CPU memory when a GPU runs short (CUDA only)."""
     compile: bool = False
     """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 
@@ -131,6 +137,12 @@ class Config(BaseModel):
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.lora and self.from_scratch:
             raise ValueError("--lora adapts pretrained weights; it cannot train a model --from-scratch")
+        if self.quantize != "no" and self.from_scratch:
+            raise ValueError("--quantize freezes pretrained weights; it cannot train a model --from-scratch")
+        if self.quantize != "no" and not self.lora:
+            raise ValueError(
+                f"--quantize {self.quantize} freezes the base weights, so it trains a LoRA adapter: add --lora"
+            )
         return self
 
     @property
@@ -154,11 +166,13 @@ RESUME_MUST_MATCH = (
     "dropout", "data", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents",
     "block_size", "streaming", "packing", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank",
     "lora_alpha", "lora_dropout", "lora_targets",
+    "quantize", "optimizer",  # the base weights the adapter learns against; the optimizer state's format
 )  # fmt: skip
 RESUME_MAY_CHANGE = (
     "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
     "mixed_precision", "eval_every", "save_every", "keep_checkpoints", "log_every", "report_to", "compile",
     "output", "push_to_hub",
+    "gradient_checkpointing",  # the same gradients, recomputed (dropout's masks too)
 )  # fmt: skip
 
 

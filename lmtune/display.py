@@ -68,9 +68,38 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
         rows.append(
             ("peak memory", f"{plan['peak_rss_bytes'] / 2**30:,.2f} GiB (this process, data preparation included)")
         )
+    if "memory" in plan:
+        rows += memory_rows(plan["memory"])
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", str(v))
     return t
+
+
+def memory_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """The dry run's answer to "will it fit": the peak's parts, and what would fit when it does not."""
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+    where = "the GPU's" if m["device"] == "gpu" else "this machine's available"
+    measured = "PyTorch's allocations" if m["device"] == "gpu" else "resident memory; other: libraries, data"
+    rows = [
+        (
+            "memory",
+            f"weights {gib(m['weights'])}, gradients {gib(m['gradients'])}, optimizer states "
+            f"{gib(m['optimizer_states'])}, activations {gib(m['activations'])}"
+            + (f", other {gib(m['other'])}" if m["device"] == "cpu" else "")
+            + f" (measured: {measured})",
+        )
+    ]
+    if m["peak"] <= m["capacity"]:
+        rows.append(("fits", f"yes: peak {gib(m['peak'])} of {where} {gib(m['capacity'])}"))
+        return rows
+    rows.append(("fits", f"NO: peak {gib(m['peak'])}, more than {where} {gib(m['capacity'])}; each change alone:"))
+    for option in m["alternatives"]:
+        verdict = "fits" if option["fits"] else "does not fit"
+        rows.append(("", f"{option['change']}: peak about {gib(option['peak'])} ({option['how']}), {verdict}"))
+    return rows
 
 
 def data_row(plan: dict[str, Any]) -> tuple[str, str]:
