@@ -60,6 +60,9 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
         ("precision", plan["mixed_precision"] + (", compiled: the first steps take longer" if plan["compile"] else "")),
         ("output", plan["output"]),
     ]
+    savers = memory_savers(plan)
+    if savers:
+        rows.insert(-1, ("memory savers", savers))
     if "estimated_seconds" in plan:
         rows.append(("estimated time", f"{duration(plan['estimated_seconds'])} of training (evaluations not included)"))
     if "peak_gpu_memory_bytes" in plan:
@@ -73,6 +76,18 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", str(v))
     return t
+
+
+def memory_savers(plan: dict[str, Any]) -> str:
+    """--quantize, --gradient-checkpointing and --optimizer, in words, where they differ from the defaults."""
+    said = []
+    if plan.get("quantize", "no") != "no":
+        said.append("base weights in 4 bits (NF4)" if plan["quantize"] == "4bit" else "base weights in 8 bits")
+    if plan.get("gradient_checkpointing"):
+        said.append("activation checkpointing")
+    if plan.get("optimizer", "adamw") != "adamw":
+        said.append(f"optimizer {plan['optimizer']}")
+    return ", ".join(said)
 
 
 def memory_rows(m: dict[str, Any]) -> list[tuple[str, str]]:

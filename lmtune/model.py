@@ -300,7 +300,9 @@ def resolve_block_size(requested: int | None, model: torch.nn.Module) -> int:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, 4-bit weights counted by their shape (bitsandbytes packs two into each stored byte)."""
+    quant = [getattr(p, "quant_state", None) for p in model.parameters()]
+    return sum(q.shape.numel() if q is not None else p.numel() for p, q in zip(model.parameters(), quant, strict=True))
 
 
 def get_tokenizer(cfg: Config, report: Report) -> Any:

@@ -196,6 +196,7 @@ def test_qlora_trains_merges_into_full_precision_and_scores_as_trained(cli, tiny
     assert r.code == 0, r.err
     summary = read_json(out / "summary.json")
     assert summary["eval_loss"] < summary["base_eval_loss"] - 0.05  # it learnt
+    assert summary["parameters"] == 39_552 + summary["trainable_parameters"]  # 4-bit weights counted by shape
 
     # eval loads the run as it was trained (4-bit base, adapter beside it): the run's own figure
     scored = cli("eval", out, "--json")
