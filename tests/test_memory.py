@@ -278,3 +278,38 @@ def test_the_dry_runs_parts_are_the_tensors_it_holds(tiny_model, corpus, tmp_pat
     assert m["weights"] == 4 * n + buffers and m["gradients"] == 4 * n
     assert m["optimizer_states"] == 8 * n + 4 * len(list(run.plain.parameters()))  # two moments, and each step count
     assert m["peak"] >= m["weights"] + m["gradients"] + m["optimizer_states"]
+
+
+def test_gradient_checkpointing_with_packed_chat_rows_trains_the_same_model(cli, tiny_model, tmp_path):
+    """Packed rows carry position ids restarting at each conversation: the recomputed layers get them too."""
+    from conftest import WORDS, write_jsonl
+
+    rows = [{"prompt": " ".join(WORDS[i : i + 4]), "response": " ".join(WORDS[i : i + 1 + i % 9])} for i in range(24)]
+    train, valid = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "valid.jsonl", rows[:4])
+
+    def finetune(name, *extra):
+        out = tmp_path / name
+        r = cli(
+            "finetune", tiny_model, "--data", train, "--validation-data", valid, "--output", out,
+            "--block-size", "64", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--mixed-precision", "no",
+            "--eval-every", "0", "--packing", *extra,
+        )  # fmt: skip
+        assert r.code == 0, r.err
+        assert read_json(out / "summary.json")["packing"] is True
+        return out
+
+    assert largest_difference(finetune("plain"), finetune("checkpointed", "--gradient-checkpointing")) < 1e-6
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_with_compile_trains_the_same_model(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(loss, "_compiled", {})  # compile_chunks switches the whole process: a fresh switch
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ["--save-every", "0", "--dropout", "0", "--max-steps", "3", "--gradient-checkpointing"]
+    assert cli(*run_args(tiny_model, corpus, eager, *common)).code == 0
+    torch._dynamo.reset()
+    r = cli(*run_args(tiny_model, corpus, compiled, *common, "--compile"))
+    assert r.code == 0, r.err
+    assert read_json(compiled / "summary.json")["eval_loss"] == pytest.approx(
+        read_json(eager / "summary.json")["eval_loss"], rel=1e-4
+    )
