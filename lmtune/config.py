@@ -63,7 +63,7 @@ class Config(BaseModel):
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or all-linear: every linear layer but the output head (GPT-2: c_attn, c_proj, c_fc)."""
     quantize: Literal["no", "4bit", "8bit"] = "no"
-    """QLoRA: hold the frozen base weights in 4 bits (NF4, double quantization) or 8, computed in the run's precision; needs --lora and bitsandbytes."""
+    """4bit (QLoRA: NF4, double quantization) or 8bit: the frozen base weights held quantized, computed in the run's precision; needs --lora and bitsandbytes. no: off."""
 
     # --- data ---
     data: str | None = None
@@ -121,7 +121,7 @@ class Config(BaseModel):
     gradient_checkpointing: bool = False
     """Keep only each layer's input and recompute the rest in backward: far less activation memory, about a third more compute."""
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
-    """AdamW, or bitsandbytes' with 8-bit states (a quarter of the memory); paged: spilled to CPU memory when a GPU runs short (CUDA only)."""
+    """adamw; adamw-8bit: bitsandbytes', its states in 8 bits (a quarter of the memory); paged-adamw, paged-adamw-8bit: states paged to CPU memory when the GPU runs short (CUDA only)."""
     compile: bool = False
     """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 
