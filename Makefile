@@ -62,7 +62,8 @@ bench-gpu: install
 	$(PY) bench/gpu.py
 
 # peak memory of full fine-tuning, + checkpointing, LoRA, QLoRA and 8-bit AdamW on a GPT-2-small shape (124M), each
-# with its dry run's figure; on CPU (peak RSS) or on a CUDA GPU when there is one. About 10 minutes on 2 cores.
+# with its dry run's figure, then full vs + checkpointing at batch 16 (activations dominate); on CPU (peak RSS)
+# or on a CUDA GPU when there is one. About 30 minutes on 2 busy CPU cores.
 bench-memory: install
 	$(PY) bench/memory.py
 

@@ -7,12 +7,15 @@ runs in its own process, first `--dry-run`, then the real run:
 
     full fine-tune | + --gradient-checkpointing | --optimizer adamw-8bit | --lora | --lora --quantize 4bit
 
+and then, where activations dominate (--big-batch rows of --block tokens, one step), full fine-tuning with and
+without --gradient-checkpointing.
+
 On a CPU the figure is the process's peak resident memory (getrusage), with glibc's
 MALLOC_MMAP_THRESHOLD_=65536 so that large freed buffers go back to the system instead of staying in
 malloc's pools, where they would hide what was freed; on a CUDA GPU it is torch.cuda.max_memory_allocated.
 Both are what lmtune reports (summary.json's peak_rss_bytes / peak_gpu_memory_bytes; the dry run's plan).
 
-    python3 bench/memory.py                     # about 10 minutes on 2 CPU cores
+    python3 bench/memory.py                     # about 30 minutes on 2 busy CPU cores
     python3 bench/memory.py --tiny              # 2 layers, 64 wide: the same code path in a minute
 Writes bench/out/memory/results.json and prints the table.
 """
@@ -87,11 +90,13 @@ def child(args: list[str]) -> None:
     print(json.dumps({"peak": plan["memory"]["peak"], "memory": plan["memory"]}, default=str))
 
 
-def measure(name: str, base: Path, data: Path, out: Path, a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+def measure(
+    name: str, base: Path, data: Path, out: Path, a: argparse.Namespace, extra: list[str], batch: int, steps: int
+) -> dict[str, Any]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "LMTUNE_HOME": str(out / "home")}
     common = [
         str(base), "--data", str(data / "train.txt"), "--validation-data", str(data / "valid.txt"),
-        "--block-size", str(a.block), "--batch-size", str(a.batch), "--max-steps", str(a.steps),
+        "--block-size", str(a.block), "--batch-size", str(batch), "--max-steps", str(steps),
         "--mixed-precision", "no", "--eval-every", "0", "--save-every", "0", *extra,
     ]  # fmt: skip
     dry = subprocess.run(
@@ -100,7 +105,7 @@ def measure(name: str, base: Path, data: Path, out: Path, a: argparse.Namespace,
     if dry.returncode:
         return {"name": name, "error": "dry run: " + dry.stderr.strip()[-500:]}
     planned = json.loads(dry.stdout.strip().splitlines()[-1])
-    folder = out / "runs" / name.replace(" ", "-").replace("(", "").replace(")", "")
+    folder = out / "runs" / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}-batch{batch}"
     start = time.time()
     real = subprocess.run(
         [sys.executable, "-m", "lmtune", "finetune", *common, "--output", str(folder), "--overwrite"],
@@ -117,7 +122,7 @@ def measure(name: str, base: Path, data: Path, out: Path, a: argparse.Namespace,
 
 
 def table(results: list[dict[str, Any]], device: str) -> str:
-    full = next((r["peak"] for r in results if r["name"] == "full fine-tune" and "peak" in r), None)
+    fulls = {r["name"]: r["peak"] for r in results if r["name"].startswith("full fine-tune") and "peak" in r}
     lines = [
         f"| configuration ({device}) | peak MB | vs full | dry run MB (off by) | weights | gradients | "
         "optimizer states | activations |",
@@ -129,6 +134,8 @@ def table(results: list[dict[str, Any]], device: str) -> str:
             continue
         p = r["parts"]
         mb = [f"{p[k] / 1e6:,.0f}" for k in ("weights", "gradients", "optimizer_states", "activations")]
+        batch = r["name"].partition(", ")[2]  # each compared with the full fine-tune of its own batch
+        full = fulls.get(f"full fine-tune, {batch}" if batch else "full fine-tune")
         ratio = f"{r['peak'] / full:.0%}" if full else ""
         lines.append(
             f"| {r['name']} | {r['peak'] / 1e6:,.0f} | {ratio} | {r['dry_run_peak'] / 1e6:,.0f} "
@@ -146,6 +153,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--big-batch", type=int, default=16, help="rows where activations dominate; 0 skips that table")
     p.add_argument("--only", action="append", help="configurations to run, by name (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "memory")
     a = p.parse_args()
@@ -161,11 +169,14 @@ def main() -> None:
     print(
         f"model: {parameters / 1e6:.1f}M parameters; batch {a.batch} x {a.block} tokens, {a.steps} steps, fp32; {device}"
     )
+    runs = [(name, extra, a.batch, a.steps) for name, extra in CONFIGS.items()]
+    big = [("full fine-tune", []), ("+ checkpointing", ["--gradient-checkpointing"])] if a.big_batch else []
+    runs += [(f"{name}, batch {a.big_batch}", extra, a.big_batch, 1) for name, extra in big]
     results = []
-    for name, extra in CONFIGS.items():
+    for name, extra, batch, steps in runs:
         if a.only and name not in a.only:
             continue
-        r = measure(name, base, data, a.out, a, extra)
+        r = measure(name, base, data, a.out, a, extra, batch, steps)
         results.append(r)
         print(r["name"], "failed: " + r["error"] if "error" in r else f"peak {r['peak'] / 1e6:,.0f} MB", flush=True)
         record = {"device": device, "parameters": parameters, "settings": vars(a), "results": results}
