@@ -313,3 +313,22 @@ def test_gradient_checkpointing_with_compile_trains_the_same_model(cli, tiny_mod
     assert read_json(compiled / "summary.json")["eval_loss"] == pytest.approx(
         read_json(eager / "summary.json")["eval_loss"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_under_fsdp_trains_the_same_model(tiny_model, corpus, tmp_path, lmtune_home):
+    """FSDP 2 sharding over gloo on CPU (tests/fsdp_on_cpu.py), with and without checkpointing: the recomputed
+    blocks gather their shards again in backward, and the run ends with the same figures."""
+    from test_distributed import CONFIGS, FSDP_ON_CPU, finetune_args, free_port, launch
+
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(CONFIGS["fsdp"])
+    summaries = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        args = finetune_args(tiny_model, corpus, tmp_path / name, "--max-steps", "3", "--dropout", "0", *extra)
+        proc = launch("--config_file", config, "--main_process_port", free_port(), FSDP_ON_CPU, *args, home=lmtune_home)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries.append(read_json(tmp_path / name / "summary.json"))
+    plain, checkpointed = summaries
+    assert checkpointed["processes"] == 2 and checkpointed["gradient_checkpointing"] is True
+    assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
