@@ -131,6 +131,8 @@ def load_merged(folder: str | Path, dtype: Any, trust_remote_code: bool = False)
 
 def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
     """Write the base model with the adapter of `run` merged in as a plain model folder (no peft needed to load it)."""
+    import torch
+
     run = Path(run).expanduser()
     if not is_adapter(run):
         raise LmtuneError(f"{run} holds no LoRA adapter ({ADAPTER_CONFIG}); only runs trained with --lora need merging")
@@ -145,8 +147,6 @@ def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
         raise LmtuneError(
             f"--output {output} would replace or sit inside the adapter's base model {base}; choose a folder outside it"
         )
-    import torch
-
     taken = output.is_file() or (output.is_dir() and any(output.iterdir()))
     if taken and not overwrite:
         raise LmtuneError(f"{output} already exists; choose another --output or pass --overwrite")

@@ -324,6 +324,9 @@ def timed_passes(run: Run) -> dict[str, Any]:
     not (lmtune.memory). One optimizer step is taken, as the real run's first: its states are part of the
     peak. The dry run's weights are thrown away after."""
     device = run.accelerator.device
+    # As the loop trains: dropout on (its masks are memory and time too) and activation checkpointing, which
+    # transformers applies in training mode only; a loaded model starts in eval mode.
+    run.model.train()
     start = memory.start_peak(device)
     inputs, labels, positions, _ = next(iter(run.loader))
     timings, gradients = [], 0
