@@ -333,6 +333,9 @@ def timed_passes(run: Run) -> dict[str, Any]:
     for i in range(3):
         if i == 1:  # the optimizer's states exist from the first step on, through every later one
             run.optimizer.step()
+        if i and run.cfg.gradient_accumulation_steps == 1:
+            # Each pass as a step's only micro-batch: its gradients made anew while its activations are freed.
+            # Accumulating, a later micro-batch finds the gradients there: the peak holds both, and so here.
             run.optimizer.zero_grad(set_to_none=True)
         begin = time.perf_counter()
         nll, count = loss.next_token_loss(run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions)
