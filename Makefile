@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu torture clean
+.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu bench-memory torture clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,12 @@ bench-data: install
 # before and after, the loss alone; needs ../shared/data. About 7 minutes on an H100 (--budget caps it at 450 s).
 bench-gpu: install
 	$(PY) bench/gpu.py
+
+# peak memory of full fine-tuning, + checkpointing, LoRA, QLoRA and 8-bit AdamW on a GPT-2-small shape (124M), each
+# with its dry run's figure, then full vs + checkpointing at batch 16 (activations dominate); on CPU (peak RSS)
+# or on a CUDA GPU when there is one. About 30 minutes on 2 busy CPU cores.
+bench-memory: install
+	$(PY) bench/memory.py
 
 # kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install

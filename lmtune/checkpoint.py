@@ -218,8 +218,9 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 # run whose held-out documents were chosen another way is not resumed on other training data.
 HELD_OUT = "content hash"
 
-# How a checkpoint written before a key existed was trained: chat data was not packed, data was not streamed.
-WRITTEN_BEFORE_THE_KEY_EXISTED = {"packing": False, "streaming": False}
+# How a checkpoint written before a key existed was trained: chat data was not packed, data was not streamed,
+# weights not quantized, AdamW.
+WRITTEN_BEFORE_THE_KEY_EXISTED = {"packing": False, "streaming": False, "quantize": "no", "optimizer": "adamw"}
 
 
 # --- resuming ----------------------------------------------------------------------------------------

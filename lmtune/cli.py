@@ -51,6 +51,8 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     # Deprecation notices between libraries (peft calling transformers) are for their authors, not users.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    for chatty in ("bitsandbytes", "kernels"):  # bitsandbytes looks for an optional CPU kernel on the hub at import
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
     logging.getLogger("lmtune").setLevel(logging.INFO)
 
@@ -64,6 +66,7 @@ def opt(key: str, *names: str, **kwargs: Any) -> Any:
 
 
 MODEL, LORA, DATA, TRAIN = "Model", "LoRA", "Data", "Training"
+MEMORY = "Memory (a bigger model on the same hardware)"
 ANSWERS = "Answers (--generate)"
 DTYPES = get_args(config.Config.model_fields["dtype"].annotation)  # float32, bfloat16, float16, auto
 
@@ -95,6 +98,9 @@ def finetune(
     lora_alpha: Annotated[int | None, opt("lora_alpha", rich_help_panel=LORA)] = None,
     lora_dropout: Annotated[float | None, opt("lora_dropout", rich_help_panel=LORA)] = None,
     lora_targets: Annotated[str | None, opt("lora_targets", rich_help_panel=LORA)] = None,
+    quantize: Annotated[str | None, opt("quantize", rich_help_panel=MEMORY)] = None,
+    gradient_checkpointing: Annotated[bool | None, opt("gradient_checkpointing", rich_help_panel=MEMORY)] = None,
+    optimizer: Annotated[str | None, opt("optimizer", rich_help_panel=MEMORY)] = None,
     data: Annotated[list[str] | None, opt("data", "-d", rich_help_panel=DATA, metavar="TEXT")] = None,
     data_weights: Annotated[str | None, opt("data_weights", rich_help_panel=DATA)] = None,
     text_column: Annotated[str | None, opt("text_column", rich_help_panel=DATA)] = None,

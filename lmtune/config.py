@@ -79,6 +79,8 @@ class Config(BaseModel):
     """Dropout on the adapter's input while training."""
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or all-linear: every linear layer but the output head (GPT-2: c_attn, c_proj, c_fc)."""
+    quantize: Literal["no", "4bit", "8bit"] = "no"
+    """4bit (QLoRA: NF4, double quantization) or 8bit: the frozen base weights held quantized, computed in the run's precision; needs --lora and bitsandbytes. no: off."""
 
     # --- data ---
     data: str | list[str | DataSource] | None = None
@@ -141,6 +143,10 @@ class Config(BaseModel):
     """Log training loss every N optimizer steps."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """Also log metrics to this tracker, through Accelerate: tensorboard (files in RUN/lmtune/) or wandb."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input and recompute the rest in backward: far less activation memory, about a third more compute."""
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
+    """adamw; adamw-8bit: bitsandbytes', its states in 8 bits (a quarter of the memory); paged-adamw, paged-adamw-8bit: states paged to CPU memory when the GPU runs short (CUDA only)."""
     compile: bool = False
     """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 
@@ -229,6 +235,12 @@ class Config(BaseModel):
                 f"every step (AdamW multiplies them by 1 - lr x weight_decay); use a weight_decay below "
                 f"{1 / self.learning_rate:g} (usually 0 to 0.1)"
             )
+        if self.quantize != "no" and self.from_scratch:
+            raise ValueError("--quantize freezes pretrained weights; it cannot train a model --from-scratch")
+        if self.quantize != "no" and not self.lora:
+            raise ValueError(
+                f"--quantize {self.quantize} freezes the base weights, so it trains a LoRA adapter: add --lora"
+            )
         return self
 
     @property
@@ -252,12 +264,14 @@ RESUME_MUST_MATCH = (
     "dropout", "data", "data_weights", "text_column", "data_format", "validation_data", "validation_percent", "txt_documents",
     "block_size", "streaming", "packing", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank",
     "lora_alpha", "lora_dropout", "lora_targets",
+    "quantize", "optimizer",  # the base weights the adapter learns against; the optimizer state's format
 )  # fmt: skip
 RESUME_MAY_CHANGE = (
     "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
     "mixed_precision", "eval_every", "save_every", "keep_checkpoints", "log_every", "report_to", "compile",
     "output", "push_to_hub",
     "keep_best", "early_stopping", "early_stopping_delta",
+    "gradient_checkpointing",  # the same gradients, recomputed (dropout's masks too)
 )  # fmt: skip
 
 

@@ -58,6 +58,9 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
     ]
     if "start" in plan:
         rows.append(("start", plan["start"]))
+    savers = memory_savers(plan)
+    if savers:
+        rows.insert(-1, ("memory savers", savers))
     if "estimated_seconds" in plan:
         rows.append(("estimated time", f"{duration(plan['estimated_seconds'])} of training (evaluations not included)"))
     if "peak_gpu_memory_bytes" in plan:
@@ -66,6 +69,8 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
         rows.append(
             ("peak memory", f"{plan['peak_rss_bytes'] / 2**30:,.2f} GiB (this process, data preparation included)")
         )
+    if "memory" in plan:
+        rows += memory_rows(plan["memory"])
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", str(v))
     return t
@@ -96,6 +101,45 @@ def data_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                 )
             )
     return [*rows, data_row(plan)]
+
+
+def memory_savers(plan: dict[str, Any]) -> str:
+    """--quantize, --gradient-checkpointing and --optimizer, in words, where they differ from the defaults."""
+    said = []
+    if plan.get("quantize", "no") != "no":
+        said.append("base weights in 4 bits (NF4)" if plan["quantize"] == "4bit" else "base weights in 8 bits")
+    if plan.get("gradient_checkpointing"):
+        said.append("activation checkpointing")
+    if plan.get("optimizer", "adamw") != "adamw":
+        said.append(f"optimizer {plan['optimizer']}")
+    return ", ".join(said)
+
+
+def memory_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """The dry run's answer to "will it fit": the peak's parts, and what would fit when it does not."""
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+    where = "the GPU's" if m["device"] == "gpu" else "this machine's available"
+    measured = "PyTorch's allocations" if m["device"] == "gpu" else "resident memory; other: libraries, data"
+    rows = [
+        (
+            "memory",
+            f"weights {gib(m['weights'])}, gradients {gib(m['gradients'])}, optimizer states "
+            f"{gib(m['optimizer_states'])}, activations {gib(m['activations'])}"
+            + (f", other {gib(m['other'])}" if m["device"] == "cpu" else "")
+            + f" (measured: {measured})",
+        )
+    ]
+    if m["peak"] <= m["capacity"]:
+        rows.append(("fits", f"yes: peak {gib(m['peak'])} of {where} {gib(m['capacity'])}"))
+        return rows
+    rows.append(("fits", f"NO: peak {gib(m['peak'])}, more than {where} {gib(m['capacity'])}; each change alone:"))
+    for option in m["alternatives"]:
+        verdict = "fits" if option["fits"] else "does not fit"
+        rows.append(("", f"{option['change']}: peak about {gib(option['peak'])} ({option['how']}), {verdict}"))
+    return rows
 
 
 def data_row(plan: dict[str, Any]) -> tuple[str, str]:

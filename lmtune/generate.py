@@ -57,8 +57,8 @@ def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) ->
     """A model folder (a run, a checkpoint) or hub id, with its tokenizer, ready to generate."""
     tok = load_tokenizer(model, trust_remote_code, what="model", needs_eos=False)  # then it stops at the length
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-    if lora.is_adapter(model):  # a LoRA run: its base model with the adapter merged in
-        net = lora.load_merged(model, torch_dtype, trust_remote_code)
+    if lora.is_adapter(model):  # a LoRA run: its base model with the adapter merged in (or beside it, quantized)
+        net = lora.load_adapted(model, torch_dtype, trust_remote_code)
     else:
         net = load_pretrained(model, torch_dtype, trust_remote_code)
     net.eval()

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from lmtune import atomic, runs
-from lmtune.config import Config
+from lmtune.config import Config, build, validate
 from lmtune.errors import LmtuneError, first_line
-from lmtune.model import load_pretrained, load_tokenizer
+from lmtune.model import load_pretrained, load_tokenizer, quantization
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Bytes of training state per trainable parameter besides the weight itself, in float32: its gradient
@@ -51,7 +51,8 @@ def add_adapter(model: Any, cfg: Config, checkpoint: Path | None = None) -> Any:
         target_modules=targets,
         task_type="CAUSAL_LM",
         # GPT-2 keeps its layers as Conv1D, whose weights are stored (in, out): peft must transpose them.
-        fan_in_fan_out=model.config.model_type == "gpt2",
+        # Quantized, they are bitsandbytes' linear layers, stored (out, in) as usual.
+        fan_in_fan_out=model.config.model_type == "gpt2" and cfg.quantize == "no",
     )
     try:
         return get_peft_model(model, lora_config)
@@ -77,22 +78,61 @@ def base_model_of(folder: Path) -> str:
     return str(base)
 
 
-def load_merged(folder: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
-    """The base model with the adapter in `folder` merged into its weights: a plain transformers model,
-    as fast at inference as the base (no separate adapter matmuls)."""
+def trained_config(folder: Path) -> Config | None:
+    """The config of the run that trained the adapter in `folder` (a run folder or a checkpoint), if it says."""
+    if (folder / runs.CONFIG).is_file():
+        return build(str(folder / runs.CONFIG))
+    if (folder / "state.json").is_file():  # a checkpoint
+        return validate(json.loads((folder / "state.json").read_text())["config"], source=str(folder / "state.json"))
+    return None
+
+
+def load_adapted(folder: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """A LoRA run ready to generate or score, as it was trained: a quantized run's base quantized the same
+    way with the adapter beside it (merging into 4-bit weights would round the update away: peft#2321),
+    any other merged (`load_merged`)."""
+    folder = Path(folder).expanduser()
+    trained = trained_config(folder)
+    if trained is None or trained.quantize == "no":
+        return load_merged(folder, dtype, trust_remote_code)
+    import torch
     from peft import PeftModel
 
-    folder = Path(folder).expanduser()
+    compute = torch.float32 if dtype == "auto" else dtype
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = trained.dtype if trained.dtype == "auto" else getattr(torch, trained.dtype)
+    base = load_base(folder, weights, trust_remote_code, quantization(trained.quantize, compute, device))
+    return PeftModel.from_pretrained(base, folder)
+
+
+def load_base(folder: Path, dtype: Any, trust_remote_code: bool, quantized: dict[str, Any] | None = None) -> Any:
+    """The base model the adapter in `folder` names."""
     base_name = base_model_of(folder)
     try:
-        base = load_pretrained(base_name, dtype, trust_remote_code)
+        return load_pretrained(base_name, dtype, trust_remote_code, quantized=quantized)
     except LmtuneError as err:
         raise LmtuneError(f"the adapter in {folder} needs its base model {base_name}, which failed: {err}") from None
-    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
+def load_merged(folder: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """The base model with the adapter in `folder` merged into its weights: a plain transformers model,
+    as fast at inference as the base (no separate adapter matmuls). An adapter trained on quantized
+    weights is merged into the full-precision ones (as QLoRA's authors do): the merged model differs
+    from the trained one by the quantization's rounding only."""
+    from peft import PeftConfig, PeftModel
+
+    folder = Path(folder).expanduser()
+    base = load_base(folder, dtype, trust_remote_code)
+    config = PeftConfig.from_pretrained(str(folder))
+    # Quantized, GPT-2's layers were bitsandbytes' linear ones, stored (out, in); here they are Conv1D again.
+    config.fan_in_fan_out = base.config.model_type == "gpt2"
+    return PeftModel.from_pretrained(base, folder, config=config).merge_and_unload()
 
 
 def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
     """Write the base model with the adapter of `run` merged in as a plain model folder (no peft needed to load it)."""
+    import torch
+
     run = Path(run).expanduser()
     if not run.exists():
         raise LmtuneError(f"{run} does not exist; pass the folder of a run trained with --lora")
@@ -113,7 +153,10 @@ def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
     if taken and not overwrite:
         raise LmtuneError(f"{output} already exists; choose another --output or pass --overwrite")
     tokenizer = load_tokenizer(str(run), what="model")
-    model = load_merged(run, "auto")
+    trained = trained_config(run)
+    # A quantized run merges into its base's weights at the run's --dtype, never into the quantized ones.
+    dtype = trained.dtype if trained and trained.quantize != "no" else "auto"
+    model = load_merged(run, dtype if dtype == "auto" else getattr(torch, dtype))
     # Written beside its final place and renamed, so a cut-short merge leaves nothing that looks complete.
     with atomic.written_beside(output, folder=True) as tmp:
         model.save_pretrained(tmp)

@@ -164,13 +164,53 @@ def build(config: Any, make: Any, dropout: float | None = None) -> Any:
     return model
 
 
-def load_pretrained(name: str, dtype: Any, trust_remote_code: bool, dropout: float | None = None) -> Any:
-    """A pretrained causal LM from the hub or a folder, with the speed-ups of `build`."""
+def load_pretrained(
+    name: str,
+    dtype: Any,
+    trust_remote_code: bool,
+    dropout: float | None = None,
+    quantized: dict[str, Any] | None = None,
+) -> Any:
+    """A pretrained causal LM from the hub or a folder, with the speed-ups of `build`; `quantized`: the
+    arguments of `quantization`, its weights held by bitsandbytes."""
     config = from_pretrained(AutoConfig, name, "model config", trust_remote_code=trust_remote_code)
-    return build(config, lambda c: load_weights(name, c, dtype, trust_remote_code), dropout)
+    model = build(config, lambda c: load_weights(name, c, dtype, trust_remote_code, quantized or {}), dropout)
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for its AVX-512 BF16 kernel the first time a layer runs in eval
+        # mode (evaluation before training): it fails on layers narrower than a quantization block of 64
+        # inputs, and the repacked weights then train through another path. One format, always.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
-def load_weights(name: str, config: Any, dtype: Any, trust_remote_code: bool) -> Any:
+def require_bitsandbytes(what: str) -> None:
+    """Fail with one line naming the extra to install when bitsandbytes is missing."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LmtuneError(f"{what} needs bitsandbytes: pip install 'lmtune[quantize]'") from None
+
+
+def quantization(kind: str, compute_dtype: Any, device: Any) -> dict[str, Any]:
+    """from_pretrained's arguments for frozen base weights in 4 bits (QLoRA's NF4 with double quantization,
+    multiplied in `compute_dtype`) or 8 (LLM.int8), loaded straight onto `device`."""
+    require_bitsandbytes(f"--quantize {kind}")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # the blocks' scales quantized too: 0.4 bits less per weight
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
+def load_weights(name: str, config: Any, dtype: Any, trust_remote_code: bool, quantized: dict[str, Any]) -> Any:
     """The model at `name` built from `config`; a weight whose shape config.json contradicts is an error."""
     # On a shape mismatch transformers raises "look at the above report!", the report being a log line
     # that lmtune silences. Loading with ignore_mismatched_sizes returns the mismatches to name instead;
@@ -184,6 +224,7 @@ def load_weights(name: str, config: Any, dtype: Any, trust_remote_code: bool) ->
         trust_remote_code=trust_remote_code,
         ignore_mismatched_sizes=True,
         output_loading_info=True,
+        **quantized,
     )
     mismatched = info["mismatched_keys"]  # {(key, shape in the weights, shape config.json makes)}
     if mismatched:
@@ -197,8 +238,9 @@ def load_weights(name: str, config: Any, dtype: Any, trust_remote_code: bool) ->
     return model
 
 
-def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
-    """The model to train: pretrained weights from --model, or new random ones with --from-scratch."""
+def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, quantized: dict[str, Any] | None = None) -> Any:
+    """The model to train: pretrained weights from --model (quantized: see `quantization`), or new random
+    ones with --from-scratch."""
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.from_scratch:
         # "auto" follows a checkpoint's dtype; a new model has none, so it starts in float32.
@@ -210,7 +252,7 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
         )
     else:
         assert cfg.model, "checked by the caller"
-        model = load_pretrained(cfg.model, dtype, cfg.trust_remote_code, cfg.dropout)
+        model = load_pretrained(cfg.model, dtype, cfg.trust_remote_code, cfg.dropout, quantized)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise LmtuneError(
                 f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings}"
@@ -218,6 +260,25 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Any:
             )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def transformers_model(model: Any) -> Any:
+    """The transformers model inside peft's LoRA wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpointing(model: Any) -> bool:
+    """Whether activation checkpointing is on."""
+    return bool(getattr(transformers_model(model), "is_activation_checkpointing", False))
+
+
+def checkpoint_activations(model: Any) -> None:
+    """Activation checkpointing on: each layer keeps only its input and recomputes the rest in backward
+    (non-reentrant torch.utils.checkpoint, which also replays dropout's random masks exactly)."""
+    inner = transformers_model(model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise LmtuneError(f"--gradient-checkpointing: {type(inner).__name__} does not support activation checkpointing")
+    inner.activation_checkpointing_enable()
 
 
 def context_length(model: torch.nn.Module) -> int | None:
@@ -240,7 +301,9 @@ def resolve_block_size(requested: int | None, model: torch.nn.Module) -> int:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, 4-bit weights counted by their shape (bitsandbytes packs two into each stored byte)."""
+    quant = [getattr(p, "quant_state", None) for p in model.parameters()]
+    return sum(q.shape.numel() if q is not None else p.numel() for p, q in zip(model.parameters(), quant, strict=True))
 
 
 def get_tokenizer(cfg: Config) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -25,13 +24,21 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lmtune import batches, checkpoint, data, hub, lora, loss, mixture, runs
+from lmtune import batches, checkpoint, data, hub, lora, loss, memory, mixture, runs
 from lmtune.config import Config, absolute_paths
 from lmtune.data import plan as data_plan
 from lmtune.data import streaming
 from lmtune.errors import LmtuneError
 from lmtune.events import Report, silent
-from lmtune.model import load_model, load_tokenizer, parameter_count, resolve_block_size
+from lmtune.model import (
+    checkpoint_activations,
+    load_model,
+    load_tokenizer,
+    parameter_count,
+    quantization,
+    require_bitsandbytes,
+    resolve_block_size,
+)
 
 log = logging.getLogger("lmtune")
 
@@ -83,6 +90,7 @@ def check_inputs(cfg: Config, dry_run: bool) -> tuple[Config, Path]:
         raise LmtuneError("no model: pass a hub id or a folder (lmtune finetune gpt2 ...), or --from-scratch")
     runs.check_home()  # caches and the latest run are written there: a bad LMTUNE_HOME fails now, not at the end
     check_tracker(cfg.report_to)
+    check_memory_options(cfg)
     if cfg.push_to_hub and not dry_run:  # before training, not after hours of it
         hub.check_push(cfg.push_to_hub)
     cfg = absolute_paths(cfg)
@@ -112,9 +120,15 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
         # The checkpoint's weights, loaded exactly as the base model was (same dtype and dropout).
         model = load_model(cfg.model_copy(update={"model": str(resume_from), "from_scratch": False}), tokenizer)
     else:
-        model = load_model(cfg, tokenizer)
+        quantize = cfg.quantize != "no"
+        quantized = (
+            quantization(cfg.quantize, compute_dtype(cfg, accelerator), accelerator.device) if quantize else None
+        )
+        model = load_model(cfg, tokenizer, quantized)
     if cfg.lora:  # the base stays frozen; a new adapter trains, or the checkpoint's when resuming
         model = lora.add_adapter(model, cfg, resume_from)
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     plan = rows_shape(cfg, plan, model, accelerator.is_main_process)
     block_size = plan.block_size or 0
     cfg = cfg.model_copy(update={"packing": plan.packing})  # what was done, saved in config.yaml
@@ -131,8 +145,7 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     sampler = mixture.MixSampler(mixed) if mixed else None
     shuffle = not cfg.streaming and sampler is None
     loader = DataLoader(rows.dataset, cfg.batch_size, shuffle, sampler, collate_fn=collate, pin_memory=pin)
-    # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
+    optimizer = make_optimizer(model, cfg)
     # The chunked loss reads the output weights outside the model's forward, which sharded models
     # (FSDP, DeepSpeed) do not allow; they take transformers' loss.
     sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
@@ -251,6 +264,9 @@ def make_plan(run: Run, corpora: list[data.Corpus], rows: batches.Rows, steps_pe
         "full_training_state_bytes": n_parameters * lora.STATE_BYTES_PER_PARAMETER,
         "mixed_precision": acc.mixed_precision,
         "compile": cfg.compile,
+        "quantize": cfg.quantize,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "optimizer": cfg.optimizer,
         "processes": acc.num_processes,
         "streaming": streamed,
         "documents": None if streamed else sum(c.train.documents for c in corpora),
@@ -318,6 +334,45 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_memory_options(cfg: Config) -> None:
+    """Fail before any work when --quantize or --optimizer cannot run here."""
+    if cfg.optimizer.startswith("paged") and not torch.cuda.is_available():
+        raise LmtuneError(
+            f"--optimizer {cfg.optimizer} pages its state between GPU and CPU memory, which needs a CUDA GPU; "
+            "use adamw-8bit"
+        )
+    if cfg.quantize != "no":
+        require_bitsandbytes(f"--quantize {cfg.quantize}")
+    if cfg.optimizer != "adamw":
+        require_bitsandbytes(f"--optimizer {cfg.optimizer}")
+
+
+def compute_dtype(cfg: Config, accelerator: Any) -> torch.dtype:
+    """The dtype quantized layers multiply in: the run's mixed precision, else its --dtype."""
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    fallback = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    return precision.get(accelerator.mixed_precision, fallback)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices only: torch's, or bitsandbytes' with 8-bit or paged states."""
+    groups = weight_decay_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        # fused: one kernel updates every tensor (CPU and CUDA) instead of a dozen ops per parameter
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    import bitsandbytes as bnb
+
+    # The same betas (0.9, 0.999) and eps (1e-8) as torch's. The 8-bit ones keep float32 states for tensors
+    # under 4,096 elements (biases, norms), where 8 bits would save nothing worth the rounding.
+    kind = {
+        "adamw-8bit": bnb.optim.AdamW8bit,
+        "paged-adamw": bnb.optim.PagedAdamW,
+        "paged-adamw-8bit": bnb.optim.PagedAdamW8bit,
+    }
+    optimizer: torch.optim.Optimizer = kind[cfg.optimizer](groups, lr=cfg.learning_rate)
+    return optimizer
+
+
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay weight matrices only: decaying biases and norm gains just pulls them towards zero."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -335,28 +390,41 @@ def check_tracker(name: str) -> None:
 
 
 def timed_passes(run: Run) -> dict[str, Any]:
-    """Time a few forward/backward passes (weights untouched: no optimizer step), scale them to the run, and
-    measure the memory they took: on a GPU the peak PyTorch allocated, else the process's peak RSS."""
-    if run.accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.accelerator.device)
+    """Time a few forward/backward passes, scale them to the run, and measure the memory a training step
+    takes, split into weights, gradients, optimizer states and activations, with what would fit if it does
+    not (lmtune.memory). One optimizer step is taken, as the real run's first: its states are part of the
+    peak. The dry run's weights are thrown away after."""
+    device = run.accelerator.device
+    # As the loop trains: dropout on (its masks are memory and time too) and activation checkpointing, which
+    # transformers applies in training mode only; a loaded model starts in eval mode.
+    run.model.train()
+    start = memory.start_peak(device)
     inputs, labels, positions, _ = next(iter(run.loader))
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
+    timings, gradients = [], 0
+    for i in range(3):
+        if i == 1:  # the optimizer's states exist from the first step on, through every later one
+            run.optimizer.step()
+        if i and run.cfg.gradient_accumulation_steps == 1:
+            # Each pass as a step's only micro-batch: its gradients made anew while its activations are freed.
+            # Accumulating, a later micro-batch finds the gradients there: the peak holds both, and so here.
+            run.optimizer.zero_grad(set_to_none=True)
+        begin = time.perf_counter()
         nll, count = loss.next_token_loss(run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions)
         run.accelerator.backward(nll / count)
-        timings.append(time.perf_counter() - start)
+        timings.append(time.perf_counter() - begin)
+        gradients = memory.gradient_bytes(run.model)
+    parts = memory.split(
+        run.model, start, memory.peak_since_start(device), gradients, memory.optimizer_bytes(run.optimizer), device
+    )
     run.model.zero_grad(set_to_none=True)
     # The first pass warms caches and allocators, so it is left out.
     seconds = min(timings[1:]) * run.cfg.gradient_accumulation_steps * run.total_steps
-    return {"estimated_seconds": seconds, **peak_memory(run.accelerator.device)}
+    memory_plan = {**parts, "alternatives": memory.alternatives(run.cfg, run.model, parts, run.block_size)}
+    return {"estimated_seconds": seconds, **peak_memory(device), "memory": memory_plan}
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
     """This process's peak memory: on a GPU what PyTorch allocated there, else the process's peak RSS."""
     if device.type == "cuda":
         return {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device)}
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}  # bytes on macOS, KiB on Linux
+    return {"peak_rss_bytes": memory.process_peak()}

@@ -30,6 +30,7 @@ from lmtune.data import plan as data_plan
 from lmtune.errors import LmtuneError, first_line
 from lmtune.evaluate import Score, score
 from lmtune.events import Report, log_report
+from lmtune.model import checkpoint_activations, checkpointing
 from lmtune.setup import Run, check_inputs, peak_memory, prepare, timed_passes
 from lmtune.stop import StopSignals, final_save_failed, non_finite, resume_hint
 
@@ -302,16 +303,26 @@ def forward_backward(run: Run, group: list[Any]) -> tuple[torch.Tensor, torch.Te
 
 def fewer_rows(run: Run, group: list[Any], pieces: int, step: int) -> int:
     """After CUDA ran out of memory: twice as many micro-batches of half the rows for this step and the
-    next (the same tokens per step, and the same gradients: every token weighs the same), said once."""
+    next (the same tokens per step, and the same gradients: every token weighs the same), said once; at
+    one row, activation checkpointing switched on (the same gradients again, recomputed)."""
     run.optimizer.zero_grad(set_to_none=True)  # what the failed attempt accumulated
     torch.cuda.empty_cache()
     rows = math.ceil(len(group[0][0]) / pieces)
-    if rows == 1 or run.accelerator.num_processes > 1:
+    alone = run.accelerator.num_processes == 1
+    if rows == 1 and alone and not checkpointing(run.plain):
+        checkpoint_activations(run.plain)
+        log.warning(
+            "out of GPU memory at step %d with micro-batches of 1 row: going on with activation checkpointing "
+            "(--gradient-checkpointing: each layer's activations recomputed in backward)", step,
+        )  # fmt: skip
+        return pieces
+    if rows == 1 or not alone:
         # Several processes would have to agree on the split before their next collective.
+        more = "" if checkpointing(run.plain) else " --gradient-checkpointing,"
         raise LmtuneError(
             f"out of GPU memory at step {step} with micro-batches of {rows} row(s) of up to {group[0][0].shape[1]} "
             "tokens; pass a smaller --batch-size with more --gradient-accumulation-steps (the same tokens per "
-            "step), a smaller --block-size, or --lora"
+            f"step), a smaller --block-size,{more} --lora, or --lora --quantize 4bit (`--dry-run` shows what fits)"
         )
     log.warning(
         "out of GPU memory at step %d: going on with micro-batches of %d rows instead of %d, twice as many "

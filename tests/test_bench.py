@@ -77,3 +77,22 @@ def test_step_profile_and_loss_benchmark_report_their_figures(tmp_path):
         r, tolerance = got[variant, precision], 1e-5 if precision == "fp32" else 2e-2
         assert r["loss_relative_difference"] < tolerance
         assert r["grad_hidden_relative_difference"] < tolerance and r["grad_weight_relative_difference"] < tolerance
+
+
+@pytest.mark.slow
+def test_memory_benchmark_measures_each_configuration_and_its_dry_run(tmp_path):
+    """bench/memory.py --tiny on one of its configurations (each is a dry run and a real run, in processes of
+    their own): the real run's peak beside its dry run's."""
+    done = subprocess.run(
+        [sys.executable, BENCH / "memory.py", "--tiny", "--batch", "2", "--block", "32", "--steps", "1",
+         "--only", "QLoRA (4-bit base)", "--out", tmp_path],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["QLoRA (4-bit base)"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["peak"] > 0 and abs(r["dry_vs_real"]) < 0.15, r
+        assert {"weights", "gradients", "optimizer_states", "activations"} <= r["parts"].keys()
+    assert "| QLoRA (4-bit base) |" in done.stdout
