@@ -190,7 +190,9 @@ def test_offline_hub_dataset_is_one_clear_error():
 def test_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken}\n')
-    with pytest.raises(LmtuneError, match=r"d\.jsonl line 4: Expecting value"):
+    with pytest.raises(
+        LmtuneError, match=r"d\.jsonl line 4, column 10: Expecting value; expected one JSON object per line"
+    ):
         data.read_documents(str(path), cfg())
 
 

@@ -59,7 +59,9 @@ def test_plain_output_marks_each_token_the_loss_and_eos(cli, tiny_model, chat_da
     corpus = data.load_corpus(Config(data=str(chat_data)), tok, lambda e: None)
     rows = batches.training_rows(corpus, 64).dataset  # as training makes them, without packing
     n = len(rows)
-    assert f"{n} conversations one per row in {n} rows of up to 64 tokens; 0 cut short" in r.out
+    said = " ".join(r.out.split())
+    assert f"{n} conversations one per row in {n} rows of up to 64 tokens (0 without a response skipped" in said
+    assert "as training skips them); 0 cut short" in said
     assert "chat template: lmtune's simple one" in r.out and f"below: the first 2 of the {n} rows" in r.out
     shown = shown_rows(r.out)
     assert len(shown) == 2
