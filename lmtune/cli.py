@@ -124,6 +124,8 @@ def finetune(
     log_every: Annotated[int | None, opt("log_every", rich_help_panel=TRAIN)] = None,
     report_to: Annotated[str | None, opt("report_to", rich_help_panel=TRAIN)] = None,
     compile: Annotated[bool | None, opt("compile", rich_help_panel=TRAIN)] = None,
+    beta: Annotated[float | None, opt("beta", rich_help_panel=TRAIN)] = None,
+    reference: Annotated[str | None, opt("reference", rich_help_panel=TRAIN)] = None,
     output: Annotated[str | None, opt("output", "-o")] = None,
     push_to_hub: Annotated[str | None, opt("push_to_hub")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,

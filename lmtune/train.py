@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from lmtune import batches, card, checkpoint, hub, loss, runs
+from lmtune import batches, card, checkpoint, dpo, hub, loss, runs
 from lmtune.config import Config
 from lmtune.data import plan as data_plan
 from lmtune.errors import LmtuneError
@@ -117,6 +117,8 @@ def finetune(
             check_same_plan(run, force)
         start_run_folder(run, saved, overwrite)
         progress = resumed(run, saved, tensors) if saved else Progress().to(run.accelerator.device)
+        if run.dpo:  # preference pairs: the reference's log-probabilities, once (or from the cache)
+            dpo.score_reference(run)
         stop.armed = True  # from here a signal asks for a checkpoint at the next step
         base = Score(**saved["base"]) if saved else evaluate(run, progress)
         if stop.requested(run.accelerator):
@@ -195,7 +197,8 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
             # forward and backward; out of GPU memory, the same step again in micro-batches of half the rows
             while True:
                 try:
-                    nll, n_labels, finite = forward_backward(run, batches.split_rows(group, pieces))
+                    step_once = dpo.forward_backward if run.dpo else forward_backward  # DPO: loss summed over pairs
+                    nll, n_labels, finite = step_once(run, batches.split_rows(group, pieces))
                     break
                 except torch.OutOfMemoryError:
                     pieces = fewer_rows(run, group, pieces, p.step + 1)
@@ -225,7 +228,8 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> None:
                 tick = time.perf_counter()
                 record(run, {
                     "event": "train", "step": p.step, "epoch": epoch, "tokens": p.tokens_seen,
-                    "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": run.scheduler.get_last_lr()[0],
+                    "loss": mean, "perplexity": None if run.dpo else math.exp(min(mean, 700)),  # DPO: the DPO loss
+                    "lr": run.scheduler.get_last_lr()[0],
                     "tokens_per_second": p.tokens_seen / p.train_seconds, "elapsed": p.train_seconds,
                 })  # fmt: skip
                 p.loss_sum.zero_()
@@ -313,9 +317,36 @@ def evaluate(run: Run, p: Progress) -> Score:
     return evaluate_sources(run, p)[0]
 
 
-def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score]]:
+def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score], dict[str, Any]]:
     """Score each source's validation data (windows split across processes) and record it, with the
-    token-weighted whole. Step 0: before training."""
+    token-weighted whole, and for preference pairs the DPO figures. Step 0: before training."""
+    figures: dict[str, Any] = {}
+    if run.dpo:  # preference pairs: eval_loss is the chosen answers' NLL; the DPO figures beside it
+        s, scores, figures = dpo.evaluate(run, p.step)
+    else:
+        s, scores = score_validation(run)
+    if p.step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
+        raise non_finite(run.output, run.cfg.learning_rate, f"the evaluation loss became {s.loss} at step {p.step}")
+    event = {
+        "event": "eval",
+        "step": p.step,
+        "tokens": p.tokens_seen,
+        "eval_loss": s.loss,
+        "eval_perplexity": s.perplexity,
+        **{k: v for k, v in figures.items() if k != "dpo_sources"},
+    }
+    if len(scores) > 1:  # each source's own figures beside the whole (a curve each in TensorBoard)
+        event["sources"] = [
+            {"name": src.name, "eval_loss": one.loss, "eval_perplexity": one.perplexity, "eval_tokens": one.tokens}
+            | (figures["dpo_sources"][i] if run.dpo else {})
+            for i, (src, one) in enumerate(zip(run.data_plan.sources, scores, strict=True))
+        ]
+    record(run, event)
+    return s, scores, figures
+
+
+def score_validation(run: Run) -> tuple[Score, list[Score]]:
+    """Each source's validation tokens scored (windows split across processes), and their token-weighted whole."""
     acc = run.accelerator
     scores = [
         # FSDP's wrapper gathers the weights in its forward (FSDP 1 only unwraps to a module of shards).
@@ -335,23 +366,7 @@ def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score]]:
         )
         for split in run.validation
     ]
-    s = Score.total(scores)
-    if p.step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
-        raise non_finite(run.output, run.cfg.learning_rate, f"the evaluation loss became {s.loss} at step {p.step}")
-    event = {
-        "event": "eval",
-        "step": p.step,
-        "tokens": p.tokens_seen,
-        "eval_loss": s.loss,
-        "eval_perplexity": s.perplexity,
-    }
-    if len(scores) > 1:  # each source's own figures beside the whole (a curve each in TensorBoard)
-        event["sources"] = [
-            {"name": src.name, "eval_loss": one.loss, "eval_perplexity": one.perplexity, "eval_tokens": one.tokens}
-            for src, one in zip(run.data_plan.sources, scores, strict=True)
-        ]
-    record(run, event)
-    return s, scores
+    return Score.total(scores), scores
 
 
 def check_finite(run: Run, p: Progress) -> None:
@@ -412,7 +427,7 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
     A signal from here on finishes the run: saving it takes as long as the checkpoint a signal asks for.
     """
     acc = run.accelerator
-    final, per_source = evaluate_sources(run, p)
+    final, per_source, figures = evaluate_sources(run, p)
     check_weights(run, p)
     weights = checkpoint.whole_weights(acc, run.model)
     acc.wait_for_everyone()
@@ -423,6 +438,8 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
         "base_eval_perplexity": base.perplexity, "base_eval_bits_per_byte": base.bits_per_byte,
         "resumed_from": str(run.resume_from) if run.resume_from else None, **peak_memory(acc.device),
         "sources": finished_sources(run, p, per_source),
+        # preference pairs: the last evaluation's DPO figures, and what the reference was
+        **({k: v for k, v in figures.items() if k.startswith("eval_")} | {"reference": run.dpo.reference} if run.dpo else {}),
     }  # fmt: skip
     if run.main:
         try:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from lmtune.data.types import CHUNK, ROLES, Conversation, Documents, Source
+from lmtune.data.types import CHUNK, ROLES, Conversation, Documents, Pair, Source
 from lmtune.errors import LmtuneError, first_line
 
 ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
@@ -104,7 +104,15 @@ def split_txt(text: str, mode: str) -> list[str]:
 
 
 def data_format(columns: list[str], cfg: Reading, source: str) -> str:
-    """text or chat: chat when asked, or (auto) when the data has `messages` or `prompt` and `response` columns."""
+    """text, chat or preference: chat when asked, or (auto) when the data has `messages` or `prompt` and
+    `response` columns; preference when asked or (auto) when it has `chosen` and `rejected` (and `prompt`)."""
+    has_pairs = {"chosen", "rejected"} <= set(columns)
+    if cfg.data_format == "preference" and not has_pairs:
+        raise LmtuneError(
+            f"{source} has no `chosen` and `rejected` columns, which preference data needs; it has {', '.join(columns)}"
+        )
+    if cfg.data_format == "preference" or (cfg.data_format == "auto" and has_pairs):
+        return "preference"
     has_chat = "messages" in columns or {"prompt", "response"} <= set(columns)
     if cfg.data_format == "chat" and not has_chat:
         raise LmtuneError(
@@ -186,9 +194,10 @@ def read_documents(spec: str, cfg: Reading) -> dict[str, Documents]:
 def file_source(files: list[Path], spec: str, cfg: Reading) -> Source:
     if FORMATS[files[0].suffix.lower()] != "text":
         return table_source(load_table(files, spec), cfg, spec)
-    if cfg.data_format == "chat":
+    if cfg.data_format in ("chat", "preference"):
         raise LmtuneError(
-            f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`"
+            f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`, "
+            "preference data with `prompt`, `chosen` and `rejected`"
         )
 
     def read() -> Iterator[tuple[list[str], int]]:
@@ -282,6 +291,8 @@ def table_source(ds: Any, cfg: Reading, name: str) -> Source:
     if fmt == "text":
         check_text_column(ds, cfg.text_column, name)
         columns = [cfg.text_column]
+    elif fmt == "preference":
+        columns = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
     else:
         columns = ["messages"] if "messages" in ds.column_names else ["prompt", "response"]
 
@@ -298,12 +309,40 @@ def document(batch: dict[str, list[Any]], columns: list[str], i: int, row: int, 
     """Row i of a batch: its text, or its conversation (checked, named by its row in the table)."""
     if columns == ["messages"]:
         return check_conversation(batch["messages"][i], source, row)
+    if "chosen" in columns:
+        return pair(*(batch[c][i] if c in batch else None for c in ("prompt", "chosen", "rejected")), source, row)
     if columns == ["prompt", "response"]:
         prompt, response = batch["prompt"][i], batch["response"][i]
         return check_conversation(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], source, row
         )
     return batch[columns[0]][i] or ""
+
+
+def pair(prompt: Any, chosen: Any, rejected: Any, source: str, row: int) -> Pair:
+    """A preference row as a Pair: plain strings (prompt, two answers), or as TRL's preference format has it,
+    `chosen` and `rejected` as lists of messages, the prompt either its own list (or string) or, absent, the
+    turns the two sides share at the start. A missing side becomes an empty answer: a bad pair, counted and
+    skipped by the plan, not an error."""
+
+    def turns(value: Any, role: str) -> Conversation:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return []
+        if isinstance(value, str):
+            return [{"role": role, "content": value}]
+        return check_conversation(value, source, row) if value else []
+
+    shared = turns(prompt, "user")
+    good, bad = turns(chosen, "assistant"), turns(rejected, "assistant")
+    if prompt is None and good and bad:  # the prompt is the turns both sides start with
+        n = 0
+        while n < min(len(good), len(bad)) - 1 and good[n] == bad[n]:
+            n += 1
+        shared, good, bad = good[:n], good[n:], bad[n:]
+    for answer in (good, bad):
+        if any(m["role"] != "assistant" for m in answer):
+            raise LmtuneError(f"{source} row {row}: `chosen` and `rejected` must answer the prompt with assistant turns")
+    return Pair(shared, good, bad)
 
 
 def check_text_column(ds: Any, column: str, source: str) -> None:
