@@ -223,6 +223,12 @@ def print_finished(result: dict[str, Any]) -> None:
         f'saved to [bold]{result["output"]}[/]; try: lmtune generate "..."  or  lmtune eval',
         soft_wrap=True,  # whole lines in a log file; a terminal wraps them itself
     )
+    if "eval_dpo_loss" in result:  # preference pairs: the DPO figures on the held-out pairs
+        console.print(
+            f"dpo loss {result['eval_dpo_loss']:.4f}, reward accuracy {result['eval_reward_accuracy']:.3f}, "
+            f"margin {result['eval_reward_margin']:+.4f} (against {escape(result['reference'])}, beta {result['beta']:g})",
+            soft_wrap=True,
+        )
     if result["hub_url"]:
         console.print(f"uploaded to [bold]{result['hub_url']}[/]")
     if result["finished_despite"]:
@@ -574,6 +580,16 @@ def score_models(
         results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
     if as_json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    elif "pair_accuracy" in results[0]:  # preference pairs: which answer each model prefers, side by side
+        table = Table(title=f"Preference pairs of {results[0]['data']} (per answer token)", title_justify="left")
+        for col in ("model", "pairs", "chosen preferred", "margin", "logp chosen", "logp rejected"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            table.add_row(
+                escape(r["model"]), f"{r['pairs']:,}", f"{r['pair_accuracy']:.3f}", f"{r['pair_margin']:+.4f}",
+                f"{r['chosen_logp']:.4f}", f"{r['rejected_logp']:.4f}",
+            )  # fmt: skip
+        console.print(table)
     else:
         table = Table(title=f"Evaluation on {results[0]['data']}", title_justify="left")
         for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
@@ -586,6 +602,8 @@ def score_models(
         console.print(table)
         for r in results:
             console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
+    if chart and "pair_accuracy" in results[0]:
+        raise LmtuneError("--chart draws perplexities; preference pairs have none (see the table)")
     if chart:  # after the figures, so that a failing chart loses none of them
         from lmtune.card import plot_perplexities
 

@@ -284,3 +284,39 @@ def evaluate(run: Any, step: int) -> tuple[Score, list[Score], dict[str, Any]]:
     if not math.isfinite(figures["eval_dpo_loss"]) and step:
         raise LmtuneError(f"the evaluation DPO loss became {figures['eval_dpo_loss']} at step {step}")
     return Score.total([r[1] for r in results]), [r[1] for r in results], figures
+
+
+# --- lmtune eval on preference data: any models, no reference -------------------------------------------------
+
+
+def models_on_pairs(
+    models: list[str], data_spec: str, block_size: int | None, batch_size: int, text_column: str, report: Any
+) -> list[dict[str, Any]]:
+    """Each model on the same preference pairs, without a reference: the share of pairs whose chosen answer it
+    gives the higher log-probability per token (a tie counts half), and the mean margin in log-probability per
+    token, chosen minus rejected; so base, SFT and DPO models compare side by side."""
+    from lmtune import data
+    from lmtune.config import Config
+    from lmtune.generate import load
+    from lmtune.model import resolve_block_size
+
+    results = []
+    for name in models:
+        report({"event": "phase", "phase": f"loading {name}"})
+        net, tok = load(name)
+        window = resolve_block_size(block_size, net)
+        split = data.eval_split(data_spec, Config(text_column=text_column, data_format="preference"), tok, report)
+        pairs = batches.Pairs(split, window)
+        if not len(pairs):
+            raise LmtuneError(f"no pair of {data_spec} keeps a token of both answers within {window} tokens")
+        sums, counts = pair_logps(net, pairs, batch_size, tok.pad_token_id or 0, chunked=loss.supported(net))
+        kept = np.isfinite(sums[:, 0])
+        per_token = sums[kept] / counts[kept]  # (pairs, 2) mean log-probability per answer token
+        margin = per_token[:, 0] - per_token[:, 1]
+        results.append({
+            "model": name, "data": data_spec, "pairs": int(kept.sum()), "skipped_pairs": len(pairs.reference) - int(kept.sum()),
+            "pair_accuracy": float(((margin > 0) + 0.5 * (margin == 0)).mean()), "pair_margin": float(margin.mean()),
+            "chosen_logp": float(sums[kept, 0].sum() / counts[kept, 0].sum()),
+            "rejected_logp": float(sums[kept, 1].sum() / counts[kept, 1].sum()), "context": window,
+        })  # fmt: skip
+    return results
