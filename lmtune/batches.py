@@ -89,7 +89,9 @@ class Pairs(Dataset):
         self.ids, self.mask = split.ids, split.mask
         sides = list(itertools.pairwise(split.starts.tolist()))  # chosen, rejected, chosen, ...
         cut = [(s, min(e, s + block_size)) for s, e in sides]
-        self.truncated = sum(e - s > block_size for s, e in sides[::2]) + sum(e - s > block_size for s, e in sides[1::2])
+        self.truncated = sum(e - s > block_size for s, e in sides[::2]) + sum(
+            e - s > block_size for s, e in sides[1::2]
+        )
         self.dropped = sum(max(0, e - s - block_size) for s, e in sides)
         answered = [bool(self.mask[s + 1 : e].any()) for s, e in cut]
         # (pair index, chosen span, rejected span) of the pairs whose two answers keep a token after the cut
@@ -115,7 +117,9 @@ class Pairs(Dataset):
         return (*self.side(chosen), *self.side(rejected), torch.from_numpy(self.reference[k]))
 
 
-def pad_pairs(rows: list[tuple[torch.Tensor, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def pad_pairs(
+    rows: list[tuple[torch.Tensor, ...]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """A batch of pairs: (B, 2, T) inputs and labels (side 0 chosen, 1 rejected), right-padded to the longest
     side, the (B, 2) reference log-probabilities, and the real tokens. The same 4 places as `pad_batch`, the
     reference where its position ids are (pairs are never packed), so the loop hands either on alike."""

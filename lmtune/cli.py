@@ -574,10 +574,14 @@ def score_models(
         check_chart(chart)
     quiet_libraries()
     from lmtune.display import Display
+    from lmtune.dpo import is_preference, models_on_pairs
     from lmtune.evaluate import evaluate_models
 
     with Display(err_console) as display:
-        results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
+        if is_preference(data, text_column):  # pairs: which answer each model prefers, no perplexity
+            results = models_on_pairs(targets, str(data), block_size, batch_size, text_column, report=display)
+        else:
+            results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
     if as_json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     elif "pair_accuracy" in results[0]:  # preference pairs: which answer each model prefers, side by side

@@ -134,7 +134,10 @@ def model_identity(name: str) -> Any:
     path = Path(name).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        return [str(path.resolve()), [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+        return [
+            str(path.resolve()),
+            [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        ]
     return name
 
 
@@ -278,7 +281,9 @@ def evaluate(run: Any, step: int) -> tuple[Score, list[Score], dict[str, Any]]:
     whole = PairScore.total([r[0] for r in results])
     figures: dict[str, Any] = {**whole.figures(), "eval_pairs": whole.pairs}
     if step == 0:
-        figures["baseline"] = BASELINE if run.cfg.reference is None else "step 0: the starting model against --reference"
+        figures["baseline"] = (
+            BASELINE if run.cfg.reference is None else "step 0: the starting model against --reference"
+        )
     if len(results) > 1:
         figures["dpo_sources"] = [r[0].figures() for r in results]
     if not math.isfinite(figures["eval_dpo_loss"]) and step:
@@ -287,6 +292,14 @@ def evaluate(run: Any, step: int) -> tuple[Score, list[Score], dict[str, Any]]:
 
 
 # --- lmtune eval on preference data: any models, no reference -------------------------------------------------
+
+
+def is_preference(data_spec: str | None, text_column: str) -> bool:
+    """Whether `lmtune eval --data` names preference pairs (scored by `models_on_pairs`, not by perplexity)."""
+    from lmtune import data
+    from lmtune.config import Config
+
+    return bool(data_spec) and data.eval_source(str(data_spec), Config(text_column=text_column)).format == "preference"
 
 
 def models_on_pairs(

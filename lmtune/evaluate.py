@@ -218,10 +218,6 @@ def evaluate_models(
     def run_of(name: str) -> Path | None:
         return Path(name) if (Path(name) / runs.CONFIG).is_file() and (Path(name) / runs.SUMMARY).is_file() else None
 
-    if data_spec and data.eval_source(data_spec, Config(text_column=text_column)).format == "preference":
-        from lmtune.dpo import models_on_pairs  # here: dpo.py builds on this module
-
-        return models_on_pairs(models, data_spec, block_size, batch_size, text_column, report)
     run = next((r for r in map(run_of, models) if r), None)
     if data_spec is None and run is None:
         raise LmtuneError("none of these models is a run folder with its own validation data; pass --data")

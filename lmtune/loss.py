@@ -227,9 +227,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None
 
 
-def token_logprobs(
-    model: Any, plain: Any, inputs: torch.Tensor, labels: torch.Tensor, chunked: bool
-) -> torch.Tensor:
+def token_logprobs(model: Any, plain: Any, inputs: torch.Tensor, labels: torch.Tensor, chunked: bool) -> torch.Tensor:
     """(B, T-1) log-probability of each label token given the ones before it (position t predicts labels[t + 1]),
     0 where IGNORE; differentiable. chunked: from the last hidden states a chunk at a time (see `supported`)."""
     targets = labels[:, 1:].flatten()

@@ -179,8 +179,12 @@ def preference(run: Run, corpora: list[data.Corpus], rows: batches.Rows, mixed: 
     validation = [batches.Pairs(c.validation, run.block_size) for c in corpora]
     for src, pairs in zip(run.data_plan.sources, validation, strict=True):
         if not len(pairs):
-            raise LmtuneError(f"no held-out pair of {src.name} keeps a token of both answers; pass more validation data")
-    where = cfg.reference or (f"{cfg.model} with the LoRA adapter off" if cfg.lora else f"the starting model {cfg.model}")
+            raise LmtuneError(
+                f"no held-out pair of {src.name} keeps a token of both answers; pass more validation data"
+            )
+    where = cfg.reference or (
+        f"{cfg.model} with the LoRA adapter off" if cfg.lora else f"the starting model {cfg.model}"
+    )
     return dpo.Preference(cfg.beta, where, train, validation, [c.validation for c in corpora])
 
 
@@ -376,7 +380,9 @@ def timed_passes(run: Run) -> dict[str, Any]:
             logps, count = dpo.side_logps(run.model, run.plain, inputs, labels, run.chunked, run.accelerator.autocast)
             run.accelerator.backward(logps.sum() / count.sum())
         else:
-            nll, count = loss.next_token_loss(run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions)
+            nll, count = loss.next_token_loss(
+                run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions
+            )
             run.accelerator.backward(nll / count)
         timings.append(time.perf_counter() - start)
     run.model.zero_grad(set_to_none=True)

@@ -171,7 +171,8 @@ def pair_rows(i: int, pairs: batches.Pairs, tokenizer: Any) -> list[Shown]:
     inputs, labels, _, _ = batches.pad_pairs([pairs[i]], tokenizer.pad_token_id)
     out = []
     for side, name in enumerate(("chosen", "rejected")):
-        length = int(pairs.pairs[i][1 + side][1] - pairs.pairs[i][1 + side][0])  # without the padding
+        start, end = (pairs.pairs[i][1], pairs.pairs[i][2])[side]
+        length = end - start  # without the padding
         ids, labs = inputs[0, side, :length].tolist(), labels[0, side, :length].tolist()
         in_loss = [t > 0 and label != loss.IGNORE for t, label in enumerate(labs)]
         pieces = [

@@ -172,7 +172,7 @@ def test_the_reference_scored_once_equals_scoring_it_on_the_fly(cli, tiny_model,
     [cached] = list((lmtune_home / "tokens" / "references").glob("*.npz"))
     with np.load(cached) as saved:
         train_ref = saved["arr_0"]
-    tok, corpus, pairs = corpus_and_pairs(tiny_model, prefs)
+    tok, _, pairs = corpus_and_pairs(tiny_model, prefs)
     model = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
     for i in range(len(pairs)):  # one pair at a time, no padding, the full logits: as a step would score it
         inputs, labels, _, _ = batches.pad_pairs([pairs[i]], tok.pad_token_id or 0)
@@ -187,7 +187,7 @@ def test_the_reference_scored_once_equals_scoring_it_on_the_fly(cli, tiny_model,
 def test_lora_reference_is_the_base_model_with_the_adapter_off(tiny_model, prefs):
     from transformers import GPT2LMHeadModel
 
-    tok, corpus, pairs = corpus_and_pairs(tiny_model, prefs)
+    tok, _, pairs = corpus_and_pairs(tiny_model, prefs)
     base = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
     expected, _ = dpo.pair_logps(base, pairs, 4, tok.pad_token_id or 0, chunked=True)
     adapted = lora.add_adapter(GPT2LMHeadModel.from_pretrained(tiny_model), Config(model=str(tiny_model), lora=True))
@@ -216,7 +216,7 @@ def test_the_chunked_log_probabilities_and_their_gradients_equal_the_full_logits
 
     from lmtune import loss
 
-    tok, corpus, pairs = corpus_and_pairs(tiny_model, prefs)
+    tok, _, pairs = corpus_and_pairs(tiny_model, prefs)
     inputs, labels, _, _ = batches.pad_pairs([pairs[i] for i in range(4)], tok.pad_token_id or 0)
     inputs, labels = inputs.flatten(0, 1), labels.flatten(0, 1)
     model = GPT2LMHeadModel.from_pretrained(tiny_model)

@@ -1,6 +1,6 @@
 """The data layer's shared types, at the bottom of the package: every other file may import them, they
-import nothing of lmtune's. A document passes the files in this order: `sources` (reading), `chat`
-(templates), `tokens` (tokenizing), `split` (the held-out rule), `streams` (token streams on disk and
+import nothing of lmtune's. A document passes the files in this order: `sources` (reading; `rows` makes a
+table row a document), `chat` (templates), `tokens` (tokenizing), `split` (the held-out rule), `streams` (token streams on disk and
 their cache), `prepared` (the corpus a run trains on), `streaming` (data read as training takes it); `plan`
 decides once, before any of them runs, what each source is and where its validation comes from."""
 
