@@ -294,7 +294,7 @@ def test_chat_messages_with_a_shared_prompt_are_scored_on_the_answers_only(tiny_
     prompt (an assistant turn in it included), and only what follows is scored."""
     from transformers import AutoTokenizer
 
-    from lmtune.data.sources import pair
+    from lmtune.data.rows import pair
 
     turns = [
         {"role": "user", "content": "hi"},
