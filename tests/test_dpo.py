@@ -337,3 +337,26 @@ def test_eval_compares_models_on_pairs_without_a_reference(cli, tiny_model, pref
     assert tuned["pair_margin"] > base["pair_margin"]
     table = cli("eval", tiny_model, out, "--data", prefs / "valid.jsonl")
     assert table.code == 0 and "Preference pairs of" in table.out, table.err
+
+
+def test_the_dpo_recipe_follows_supervised_fine_tuning(cli, tiny_model, prefs, tmp_path):
+    """The shipped recipes, SFT then DPO from that run, with the tiny model's short settings in place of GPT-2's."""
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in pair_rows(32, 4)]
+    )
+    sft = tmp_path / "sft"
+    short = ("--block-size", "64", "--batch-size", "8", "--mixed-precision", "no")
+    r = cli(
+        "finetune", tiny_model, "--recipe", "gpt2-instruct", "--data", chat, "--output", sft, "--max-steps", "4", *short
+    )
+    assert r.code == 0, r.err
+    out = tmp_path / "dpo"
+    r = cli(
+        "finetune", sft, "--recipe", "gpt2-dpo", "--data", prefs / "train.jsonl", "--validation-data",
+        prefs / "valid.jsonl", "--output", out, "--max-steps", "8", "--lr", "3e-3", *short,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    evals = [e for e in metrics(out) if e["event"] == "eval"]
+    assert evals[0]["eval_dpo_loss"] == pytest.approx(math.log(2)) and "by construction" in evals[0]["baseline"]
+    assert evals[-1]["eval_dpo_loss"] < math.log(2) and evals[-1]["eval_reward_margin"] > 0
+    assert str(sft) in read_json(out / "summary.json")["reference"]
