@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu torture clean
+.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu bench-dpo torture clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,11 @@ bench-data: install
 # before and after, the loss alone; needs ../shared/data. About 7 minutes on an H100 (--budget caps it at 450 s).
 bench-gpu: install
 	$(PY) bench/gpu.py
+
+# DPO against TRL's DPOTrainer at equal settings (TRL in its own venv under bench/out/, made on first use:
+# never a dependency of lmtune): tokens/s and held-out reward accuracy. A few minutes on 2 cores.
+bench-dpo: install
+	$(PY) bench/dpo.py
 
 # kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install
