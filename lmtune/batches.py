@@ -89,9 +89,7 @@ class Pairs(Dataset):
         self.ids, self.mask = split.ids, split.mask
         sides = list(itertools.pairwise(split.starts.tolist()))  # chosen, rejected, chosen, ...
         cut = [(s, min(e, s + block_size)) for s, e in sides]
-        self.truncated = sum(e - s > block_size for s, e in sides[::2]) + sum(
-            e - s > block_size for s, e in sides[1::2]
-        )
+        self.truncated = sum(e - s > block_size for s, e in sides)  # sides cut short
         self.dropped = sum(max(0, e - s - block_size) for s, e in sides)
         answered = [bool(self.mask[s + 1 : e].any()) for s, e in cut]
         # (pair index, chosen span, rejected span) of the pairs whose two answers keep a token after the cut

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Preference:
     train: list[batches.Pairs]
     validation: list[batches.Pairs]
     validation_splits: list[Split]
+    reference_seconds: float = 0.0  # the one pass over the pairs that scored the reference (0: from the cache)
 
 
 def side_logps(
@@ -182,6 +184,7 @@ def score_reference(run: Any) -> None:
     the main process (the others read them from the cache it writes) and set on each Pairs."""
     sets = [*run.dpo.train, *run.dpo.validation]
     path = runs.home() / "tokens" / "references" / f"{reference_key(run)}.npz"
+    start = time.perf_counter()
     with run.accelerator.main_process_first():
         if not path.is_file():
             run.say({"event": "phase", "phase": f"scoring the reference ({run.dpo.reference}) once"})
@@ -196,6 +199,7 @@ def score_reference(run: Any) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.written_beside(path) as tmp, tmp.open("wb") as f:
                 np.savez(f, *scored)
+            run.dpo.reference_seconds = time.perf_counter() - start
         else:
             log.info("reference log-probabilities from cache %s", path)
     with np.load(path) as saved:

@@ -439,7 +439,7 @@ def finish(run: Run, p: Progress, base: Score, stop: StopSignals) -> dict[str, A
         "resumed_from": str(run.resume_from) if run.resume_from else None, **peak_memory(acc.device),
         "sources": finished_sources(run, p, per_source),
         # preference pairs: the last evaluation's DPO figures, and what the reference was
-        **({k: v for k, v in figures.items() if k.startswith("eval_")} | {"reference": run.dpo.reference} if run.dpo else {}),
+        **({k: v for k, v in figures.items() if k.startswith("eval_")} | {"reference": run.dpo.reference, "reference_seconds": run.dpo.reference_seconds} if run.dpo else {}),
     }  # fmt: skip
     if run.main:
         try:
