@@ -360,3 +360,11 @@ def test_the_dpo_recipe_follows_supervised_fine_tuning(cli, tiny_model, prefs, t
     assert evals[0]["eval_dpo_loss"] == pytest.approx(math.log(2)) and "by construction" in evals[0]["baseline"]
     assert evals[-1]["eval_dpo_loss"] < math.log(2) and evals[-1]["eval_reward_margin"] > 0
     assert str(sft) in read_json(out / "summary.json")["reference"]
+
+
+def test_eval_of_a_dpo_run_scores_its_chosen_answers_as_training_did(cli, tiny_model, prefs, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*args(tiny_model, prefs, out, "--batch-size", "4")).code == 0
+    r = cli("eval", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["loss"] == pytest.approx(read_json(out / "summary.json")["eval_loss"], rel=1e-5)
