@@ -8,8 +8,8 @@ constant schedule, no warmup, fp32 on CPU), the reference = the starting model. 
 environment (bench/out/trl-venv, made here on first use); it is never a dependency of lmtune.
 
 Measured, each in its own process one after another: wall seconds of the whole command, the training loop's
-seconds as each tool reports them (lmtune: summary.json train_seconds, not counting the one reference pass
-before step 1, timed separately from its log; TRL: train_runtime, which includes its reference forwards), and
+seconds (lmtune: summary.json train_seconds plus reference_seconds, the one reference pass before step 1;
+TRL: train_runtime, which holds its reference forwards, or with precompute_ref_log_probs its pass), and
 the reward accuracy on the same held-out pairs (TRL's eval_rewards/accuracies; lmtune's eval_reward_accuracy,
 where a tie would count half: after training there are none). Tokens/s = pairs trained x mean tokens a pair
 (both sides, prompt included) / seconds. Prints a table, writes bench/out/dpo.json.
@@ -39,14 +39,27 @@ PY = sys.executable
 SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 256}  # about 5M parameters with its vocabulary
 TRAIN_PAIRS, TEST_PAIRS = 800, 100
 BATCH = 8  # pairs per step
-STEPS = 60
+STEPS = 100  # one epoch of the 800 pairs: each pair's reference scored once by either tool
 LR = 5e-4
 BETA = 0.1
 MAX_LENGTH = 128  # tokens a side; every pair here is shorter
 
-GOOD = "bright clear kind careful honest useful exact calm gentle warm".split()
-BAD = "dull vague rude sloppy false useless rough loud harsh cold".split()
-TOPICS = "river stone cloud garden engine letter window forest market bridge lamp harbor".split()
+GOOD = ["bright", "clear", "kind", "careful", "honest", "useful", "exact", "calm", "gentle", "warm"]
+BAD = ["dull", "vague", "rude", "sloppy", "false", "useless", "rough", "loud", "harsh", "cold"]
+TOPICS = [
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "engine",
+    "letter",
+    "window",
+    "forest",
+    "market",
+    "bridge",
+    "lamp",
+    "harbor",
+]
 
 console = Console(width=150)
 
@@ -112,14 +125,14 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-out, base, precompute = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+out, base, precompute, job = sys.argv[1], sys.argv[2], sys.argv[3] == "1", json.loads(sys.argv[4])
 model = AutoModelForCausalLM.from_pretrained(base)
 tok = AutoTokenizer.from_pretrained(base)
 data = load_dataset("json", data_files={"train": f"{out}/train-trl.jsonl", "test": f"{out}/test-trl.jsonl"})
 args = DPOConfig(
-    output_dir=f"{out}/trl-run", per_device_train_batch_size=%(batch)d, per_device_eval_batch_size=%(batch)d,
-    max_steps=%(steps)d, learning_rate=%(lr)g, beta=%(beta)g, lr_scheduler_type="constant", warmup_steps=0,
-    weight_decay=0.01, max_grad_norm=1.0, max_length=%(max_length)d, use_cpu=True, bf16=False, fp16=False,
+    output_dir=f"{out}/trl-run", per_device_train_batch_size=job["batch"], per_device_eval_batch_size=job["batch"],
+    max_steps=job["steps"], learning_rate=job["lr"], beta=job["beta"], lr_scheduler_type="constant", warmup_steps=0,
+    weight_decay=0.01, max_grad_norm=1.0, max_length=job["max_length"], use_cpu=True, bf16=False, fp16=False,
     logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], seed=42,
     precompute_ref_log_probs=precompute, dataloader_num_workers=0,
 )
@@ -127,7 +140,8 @@ trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"], eval_d
 result = trainer.train()
 metrics = trainer.evaluate()
 print(json.dumps({"train_runtime": result.metrics["train_runtime"], **metrics}))
-""" % {"batch": BATCH, "steps": STEPS, "lr": LR, "beta": BETA, "max_length": MAX_LENGTH}
+"""
+JOB = {"batch": BATCH, "steps": STEPS, "lr": LR, "beta": BETA, "max_length": MAX_LENGTH}
 
 
 def trl_python() -> Path:
@@ -167,7 +181,9 @@ def lmtune_run(base: Path) -> dict[str, Any]:
     s = json.loads((run / "summary.json").read_text())
     pairs_trained = STEPS * BATCH
     return {
-        "wall": wall, "loop": s["train_seconds"], "pairs": pairs_trained, "tokens": s["train_tokens"],
+        # the loop, and the one reference pass before it (TRL's loop holds its reference forwards)
+        "wall": wall, "loop": s["train_seconds"] + s["reference_seconds"], "pairs": pairs_trained,
+        "tokens": s["train_tokens"], "reference_seconds": s["reference_seconds"],
         "accuracy": s["eval_reward_accuracy"], "margin": s["eval_reward_margin"],
     }  # fmt: skip
 
@@ -176,7 +192,7 @@ def trl_run(base: Path, precompute: bool) -> dict[str, Any]:
     python = trl_python()
     out, _, wall = timed(
         f"TRL DPOTrainer{' (precompute_ref_log_probs)' if precompute else ''}",
-        [python, "-c", TRL_SCRIPT, OUT, base, "1" if precompute else "0"],
+        [python, "-c", TRL_SCRIPT, OUT, base, "1" if precompute else "0", json.dumps(JOB)],
         {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )
     m = json.loads(out.strip().splitlines()[-1])
@@ -188,7 +204,11 @@ def trl_run(base: Path, precompute: bool) -> dict[str, Any]:
 
 def main() -> None:
     base = make_job()
-    results = {"lmtune": lmtune_run(base), "TRL": trl_run(base, False), "TRL, precomputed reference": trl_run(base, True)}
+    results = {
+        "lmtune": lmtune_run(base),
+        "TRL": trl_run(base, False),
+        "TRL, precomputed reference": trl_run(base, True),
+    }
     tokens_per_pair = results["lmtune"]["tokens"] / results["lmtune"]["pairs"]  # the same pairs, the same tokens
     table = Table(title=f"DPO, {STEPS} steps of {BATCH} pairs ({tokens_per_pair:.1f} tokens a pair), fp32 on CPU")
     for col in ("", "wall s", "loop s", "tokens/s (wall)", "tokens/s (loop)", "held-out reward accuracy", "margin"):
