@@ -368,3 +368,28 @@ def test_eval_of_a_dpo_run_scores_its_chosen_answers_as_training_did(cli, tiny_m
     r = cli("eval", out, "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["loss"] == pytest.approx(read_json(out / "summary.json")["eval_loss"], rel=1e-5)
+
+
+def test_two_preference_sources_mix_by_weight_with_their_own_figures(cli, tiny_model, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", pair_rows(40, seed=5))
+    b = write_jsonl(tmp_path / "b.jsonl", pair_rows(40, seed=6))
+    out = tmp_path / "mixed"
+    r = cli(
+        "finetune", tiny_model, "--data", a, "--data", b, "--data-weights", "3,1", "--output", out, "--max-steps", "6",
+        "--batch-size", "4", "--mixed-precision", "no", "--eval-every", "3", "--report-to", "tensorboard",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    s = read_json(out / "summary.json")
+    shares = [src["train_tokens"] / s["train_tokens"] for src in s["sources"]]
+    assert shares[0] == pytest.approx(0.75, abs=0.1)
+    last = [e for e in metrics(out) if e["event"] == "eval"][-1]
+    assert [one["name"] for one in last["sources"]] == ["a.jsonl", "b.jsonl"]
+    assert all("eval_reward_accuracy" in one and "eval_dpo_loss" in one for one in last["sources"])
+    assert last["eval_pairs"] > 0
+    # TensorBoard: the DPO figures, of the whole and of each source
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "lmtune")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval_dpo_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_reward_accuracy/b.jsonl"} <= tags
+    assert events.Scalars("eval_dpo_loss")[0].value == pytest.approx(math.log(2), abs=1e-6)
