@@ -36,6 +36,7 @@ from lmtune.evaluate import Score
 log = logging.getLogger("lmtune")
 
 REFERENCE_VERSION = 1  # bump when the way reference log-probabilities are computed changes
+PHASE = "scoring the reference's log-probabilities, pairs"
 BASELINE = "step 0 scores the reference against itself: loss log 2 = 0.6931 and accuracy 0.5 by construction"
 
 
@@ -107,6 +108,7 @@ def pair_logps(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     rank: int = 0,
     world: int = 1,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(pairs in the split, 2) summed answer log-probabilities and answer tokens of the kept pairs (this process's
     share: every world-th), in eval mode; NaN and 0 for the others."""
@@ -123,6 +125,8 @@ def pair_logps(
             s, c = side_logps(model, model, inputs.to(device), labels.to(device), chunked, autocast)
             at = [pairs.pairs[i][0] for i in rows]
             sums[at], counts[at] = s.double().cpu().numpy(), c.cpu().numpy()
+            if report:
+                report({"event": "phase", "phase": PHASE, "done": b + len(rows), "total": len(mine)})
     finally:
         model.train(was_training)
     return sums, counts
@@ -192,7 +196,7 @@ def score_reference(run: Any) -> None:
                 scored = [
                     pair_logps(
                         ref, pairs, run.cfg.batch_size, run.tokenizer.pad_token_id,
-                        chunked=run.chunked, autocast=run.accelerator.autocast,
+                        chunked=run.chunked, autocast=run.accelerator.autocast, report=run.say,
                     )[0]
                     for pairs in sets
                 ]  # fmt: skip
