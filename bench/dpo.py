@@ -43,6 +43,7 @@ STEPS = 100  # one epoch of the 800 pairs: each pair's reference scored once by 
 LR = 5e-4
 BETA = 0.1
 MAX_LENGTH = 128  # tokens a side; every pair here is shorter
+ROUNDS = 2  # runs of each tool, interleaved
 
 GOOD = ["bright", "clear", "kind", "careful", "honest", "useful", "exact", "calm", "gentle", "warm"]
 BAD = ["dull", "vague", "rude", "sloppy", "false", "useless", "rough", "loud", "harsh", "cold"]
@@ -204,20 +205,32 @@ def trl_run(base: Path, precompute: bool) -> dict[str, Any]:
 
 def main() -> None:
     base = make_job()
-    results = {
-        "lmtune": lmtune_run(base),
-        "TRL": trl_run(base, False),
-        "TRL, precomputed reference": trl_run(base, True),
-    }
+    # Interleaved rounds, each tool's best kept: on a shared machine other work only ever slows a run down.
+    runs: dict[str, list[dict[str, Any]]] = {"lmtune": [], "TRL": [], "TRL, precomputed reference": []}
+    for _ in range(ROUNDS):
+        runs["lmtune"].append(lmtune_run(base))
+        runs["TRL"].append(trl_run(base, False))
+        runs["TRL, precomputed reference"].append(trl_run(base, True))
+    results = {name: min(rs, key=lambda r: r["wall"]) | {"walls": [r["wall"] for r in rs]} for name, rs in runs.items()}
     tokens_per_pair = results["lmtune"]["tokens"] / results["lmtune"]["pairs"]  # the same pairs, the same tokens
-    table = Table(title=f"DPO, {STEPS} steps of {BATCH} pairs ({tokens_per_pair:.1f} tokens a pair), fp32 on CPU")
-    for col in ("", "wall s", "loop s", "tokens/s (wall)", "tokens/s (loop)", "held-out reward accuracy", "margin"):
+    table = Table(
+        title=f"DPO, {STEPS} steps of {BATCH} pairs ({tokens_per_pair:.1f} tokens a pair), fp32 on CPU, best of {ROUNDS}"
+    )
+    for col in (
+        "",
+        "wall s (each round)",
+        "loop s",
+        "tokens/s (wall)",
+        "tokens/s (loop)",
+        "held-out reward accuracy",
+        "margin",
+    ):
         table.add_column(col, justify="left" if not col else "right")
     for name, r in results.items():
         r["tokens_per_second_wall"] = r["pairs"] * tokens_per_pair / r["wall"]
         r["tokens_per_second_loop"] = r["pairs"] * tokens_per_pair / r["loop"]
         table.add_row(
-            name, f"{r['wall']:.1f}", f"{r['loop']:.1f}", f"{r['tokens_per_second_wall']:,.0f}",
+            name, " / ".join(f"{w:.1f}" for w in r["walls"]), f"{r['loop']:.1f}", f"{r['tokens_per_second_wall']:,.0f}",
             f"{r['tokens_per_second_loop']:,.0f}", f"{r['accuracy']:.3f}", f"{r['margin']:.3f}",
         )  # fmt: skip
     console.print(table)
