@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu bench-memory torture clean
+.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu bench-memory bench-dpo torture clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,11 @@ bench-gpu: install
 # or on a CUDA GPU when there is one. About 30 minutes on 2 busy CPU cores.
 bench-memory: install
 	$(PY) bench/memory.py
+
+# DPO against TRL's DPOTrainer at equal settings (TRL in its own venv under bench/out/, made on first use:
+# never a dependency of lmtune): tokens/s and held-out reward accuracy. A few minutes on 2 cores.
+bench-dpo: install
+	$(PY) bench/dpo.py
 
 # kill -9 a run at 10 random steps, resume each, and count the ones that end bit-identical. About 2 minutes.
 torture: install

@@ -18,7 +18,7 @@ import numpy as np
 from lmtune import atomic, card, data, runs
 from lmtune.config import Config, build
 from lmtune.data import plan as data_plan
-from lmtune.data.types import Conversation, Documents
+from lmtune.data.types import Conversation, Documents, Pair
 from lmtune.errors import LmtuneError, first_line
 from lmtune.evaluate import check_models
 from lmtune.events import Report, silent
@@ -44,7 +44,8 @@ def questions(docs: Documents, where: str) -> tuple[list[Question], int]:
     Returns the questions and the number of conversations skipped: no user turn, or none answered.
     """
     out, skipped = [], 0
-    for conv in docs:
+    for doc in docs:
+        conv = doc.side("chosen") if isinstance(doc, Pair) else doc  # a pair: its chosen answer is the reference
         if isinstance(conv, str):
             raise LmtuneError(
                 f"{where} is plain text, not conversations; --generate answers conversations: pass --data with "

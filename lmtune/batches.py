@@ -76,6 +76,61 @@ class Examples(Dataset):
         return torch.cat(ids), torch.cat(labels), torch.cat(positions) if self.packing else None
 
 
+class Pairs(Dataset):
+    """Preference pairs, a row each: the chosen side and the rejected side, each cut to the block size, labels
+    IGNORE outside the answer. A pair is kept only if both answers keep a token to predict after the cut.
+
+    `reference`: the reference model's summed log-probabilities of each pair's answers, (pairs, 2) for
+    chosen and rejected, by the pair's place in the split; set once before training (dpo.py), NaN until then.
+    """
+
+    def __init__(self, split: Split, block_size: int):
+        assert split.starts is not None and split.mask is not None, "preference splits only"
+        self.ids, self.mask = split.ids, split.mask
+        sides = list(itertools.pairwise(split.starts.tolist()))  # chosen, rejected, chosen, ...
+        cut = [(s, min(e, s + block_size)) for s, e in sides]
+        self.truncated = sum(e - s > block_size for s, e in sides)  # sides cut short
+        self.dropped = sum(max(0, e - s - block_size) for s, e in sides)
+        answered = [bool(self.mask[s + 1 : e].any()) for s, e in cut]
+        # (pair index, chosen span, rejected span) of the pairs whose two answers keep a token after the cut
+        self.pairs = [(k // 2, cut[k], cut[k + 1]) for k in range(0, len(cut), 2) if answered[k] and answered[k + 1]]
+        self.skipped = len(cut) // 2 - len(self.pairs)
+        self.conversations = len(self.pairs)
+        self.rows = [[c, r] for _, c, r in self.pairs]  # spans of each row, for the mixture's token counts
+        self.reference = np.full((len(cut) // 2, 2), np.nan)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def side(self, span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = span
+        piece = torch.from_numpy(np.asarray(self.ids[s:e], dtype=np.int64))
+        target = piece.masked_fill(~torch.from_numpy(np.asarray(self.mask[s:e])), loss.IGNORE)
+        target[0] = loss.IGNORE
+        return piece, target
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        """chosen ids, chosen labels, rejected ids, rejected labels, (2,) reference log-probabilities."""
+        k, chosen, rejected = self.pairs[i]
+        return (*self.side(chosen), *self.side(rejected), torch.from_numpy(self.reference[k]))
+
+
+def pad_pairs(
+    rows: list[tuple[torch.Tensor, ...]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A batch of pairs: (B, 2, T) inputs and labels (side 0 chosen, 1 rejected), right-padded to the longest
+    side, the (B, 2) reference log-probabilities, and the real tokens. The same 4 places as `pad_batch`, the
+    reference where its position ids are (pairs are never packed), so the loop hands either on alike."""
+    length = max(len(ids) for row in rows for ids in (row[0], row[2]))
+    inputs = torch.full((len(rows), 2, length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), 2, length), loss.IGNORE, dtype=torch.long)
+    for r, (c_ids, c_lab, r_ids, r_lab, _) in enumerate(rows):
+        inputs[r, 0, : len(c_ids)], labels[r, 0, : len(c_lab)] = c_ids, c_lab
+        inputs[r, 1, : len(r_ids)], labels[r, 1, : len(r_lab)] = r_ids, r_lab
+    reference = torch.stack([row[4] for row in rows])  # (B, 2) float64
+    return inputs, labels, reference, sum(len(row[0]) + len(row[2]) for row in rows)
+
+
 def pack_spans(spans: list[tuple[int, int]], block_size: int) -> list[list[tuple[int, int]]]:
     """Spans (conversations) into rows of at most `block_size` tokens, longest first, each into the fullest
     row it fits (best fit decreasing): little padding is left, and the result depends on the data only."""
@@ -143,17 +198,24 @@ def packing_works(model: Any) -> bool:
 class Rows:
     """The training rows of a corpus and what cutting them cost, for the plan."""
 
-    dataset: Any  # Blocks, Examples, a Mixed dataset of several sources, or a stream's blocks
+    dataset: Any  # Blocks, Examples, Pairs, a Mixed dataset of several sources, or a stream's blocks
     dropped: int  # tokens: left over after the last block, or cut from conversations longer than a block
-    conversations: int = 0  # chat: conversations trained on
-    truncated: int = 0  # chat: conversations cut short
-    skipped: int = 0  # chat: conversations with no response token left within the block
+    conversations: int = 0  # chat: conversations trained on; preference: pairs
+    truncated: int = 0  # chat: conversations cut short; preference: sides cut short
+    skipped: int = 0  # chat: conversations with no response token left within the block; preference: pairs
 
 
 def training_rows(corpus: Corpus, block_size: int, packing: bool = False, name: str = "") -> Rows:
     """Text cut into full blocks; chat data several conversations per row (`packing`) or one per row.
     `name`: the source, for messages when there are several."""
     of = f" of {name}" if name else ""
+    if corpus.format == "preference":
+        pairs = Pairs(corpus.train, block_size)
+        if len(pairs) == 0:
+            raise LmtuneError(
+                f"no training pair{of} keeps a token of both answers within --block-size {block_size}; pass a larger one"
+            )
+        return Rows(pairs, pairs.dropped, pairs.conversations, pairs.truncated, pairs.skipped)
     if corpus.format == "chat":
         examples = Examples(corpus.train, block_size, packing)
         if len(examples) == 0:

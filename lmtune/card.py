@@ -134,6 +134,7 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[st
         f"| after | {summary['eval_loss']:.4f} | {summary['eval_perplexity']:.2f} | {summary['eval_bits_per_byte']:.4f} |",
         "",
         *source_table(summary.get("sources", [])),
+        *preference_table(summary),
         f"![training curves]({runs.CURVES})",
         "",
         *(answers_section(answers, run) if answers else []),
@@ -163,6 +164,22 @@ def model_card(run: Path, cfg: Config, summary: dict[str, Any], answers: dict[st
     ])  # fmt: skip
     # The model, the data and the validation source are absolute paths by now: names only, in all three places.
     return hide_paths(card, local_names(cfg.model_dump()))
+
+
+def preference_table(summary: dict[str, Any]) -> list[str]:
+    """Preference tuning (DPO): its figures on the held-out pairs (the loss above: of the chosen answers)."""
+    if "eval_dpo_loss" not in summary:
+        return []
+    return [
+        f"Trained with DPO (beta {summary['beta']:g}) against {summary['reference']}; on the held-out pairs "
+        "(before training the model is its own reference: DPO loss log 2 = 0.6931 and reward accuracy 0.5):",
+        "",
+        "| DPO loss | reward accuracy | reward margin | log-prob per token, chosen | rejected |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {summary['eval_dpo_loss']:.4f} | {summary['eval_reward_accuracy']:.3f} | {summary['eval_reward_margin']:+.4f} | "
+        f"{summary['eval_chosen_logp']:.4f} | {summary['eval_rejected_logp']:.4f} |",
+        "",
+    ]
 
 
 def source_table(sources: list[dict[str, Any]]) -> list[str]:

@@ -133,6 +133,8 @@ def finetune(
     log_every: Annotated[int | None, opt("log_every", rich_help_panel=TRAIN)] = None,
     report_to: Annotated[str | None, opt("report_to", rich_help_panel=TRAIN)] = None,
     compile: Annotated[bool | None, opt("compile", rich_help_panel=TRAIN)] = None,
+    beta: Annotated[float | None, opt("beta", rich_help_panel=TRAIN)] = None,
+    reference: Annotated[str | None, opt("reference", rich_help_panel=TRAIN)] = None,
     output: Annotated[str | None, opt("output", "-o")] = None,
     push_to_hub: Annotated[str | None, opt("push_to_hub")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --output.")] = False,
@@ -250,6 +252,12 @@ def print_finished(result: dict[str, Any]) -> None:
         console.print(
             f"the run folder holds the best model: step {result['best_step']}, loss {result['best_eval_loss']:.4f} "
             f"(the figures above are the last step's)",
+            soft_wrap=True,
+        )
+    if "eval_dpo_loss" in result:  # preference pairs: the DPO figures on the held-out pairs
+        console.print(
+            f"dpo loss {result['eval_dpo_loss']:.4f}, reward accuracy {result['eval_reward_accuracy']:.3f}, "
+            f"margin {result['eval_reward_margin']:+.4f} (against {escape(result['reference'])}, beta {result['beta']:g})",
             soft_wrap=True,
         )
     if result["hub_url"]:
@@ -599,12 +607,26 @@ def score_models(
         check_chart(chart)
     quiet_libraries()
     from lmtune.display import Display
+    from lmtune.dpo import is_preference, models_on_pairs
     from lmtune.evaluate import evaluate_models
 
     with Display(err_console) as display:
-        results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
+        if is_preference(data, text_column):  # pairs: which answer each model prefers, no perplexity
+            results = models_on_pairs(targets, str(data), block_size, batch_size, text_column, report=display)
+        else:
+            results = evaluate_models(targets, data, block_size, stride, batch_size, text_column, report=display)
     if as_json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    elif "pair_accuracy" in results[0]:  # preference pairs: which answer each model prefers, side by side
+        table = Table(title=f"Preference pairs of {results[0]['data']} (per answer token)", title_justify="left")
+        for col in ("model", "pairs", "chosen preferred", "margin", "logp chosen", "logp rejected"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            table.add_row(
+                escape(r["model"]), f"{r['pairs']:,}", f"{r['pair_accuracy']:.3f}", f"{r['pair_margin']:+.4f}",
+                f"{r['chosen_logp']:.4f}", f"{r['rejected_logp']:.4f}",
+            )  # fmt: skip
+        console.print(table)
     else:
         table = Table(title=f"Evaluation on {results[0]['data']}", title_justify="left")
         for col in ("model", "tokens scored", "loss", "perplexity", "bits/byte"):
@@ -617,6 +639,8 @@ def score_models(
         console.print(table)
         for r in results:
             console.print(f"[dim]{r['model']}: {r['perplexity_kind']}[/]")
+    if chart and "pair_accuracy" in results[0]:
+        raise LmtuneError("--chart draws perplexities; preference pairs have none (see the table)")
     if chart:  # after the figures, so that a failing chart loses none of them
         from lmtune.card import plot_perplexities
 

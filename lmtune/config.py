@@ -31,8 +31,8 @@ class DataSource(BaseModel):
     """Relative share of the training tokens. Default: by size (each source once per epoch)."""
     text_column: str | None = None
     """Column that holds the text in tabular data."""
-    format: Literal["auto", "text", "chat"] | None = None
-    """text, chat or auto, as --data-format."""
+    format: Literal["auto", "text", "chat", "preference"] | None = None
+    """text, chat, preference or auto, as --data-format."""
     validation: str | None = None
     """This source's validation data, as --validation-data."""
 
@@ -89,8 +89,8 @@ class Config(BaseModel):
     """Relative weights of several --data, one each, as shares of the training tokens: 3,1. Default: by size (each once per epoch)."""
     text_column: str = "text"
     """Column that holds the text in tabular data."""
-    data_format: Literal["auto", "text", "chat"] = "auto"
-    """chat: JSONL/tables with `messages` (role, content) or `prompt`/`response`, loss on responses only. auto: chat if those columns exist."""
+    data_format: Literal["auto", "text", "chat", "preference"] = "auto"
+    """chat: JSONL/tables with `messages` (role, content) or `prompt`/`response`, loss on responses only. preference: `prompt`/`chosen`/`rejected`, trained with DPO. auto: by the columns."""
     validation_data: str | None = None
     """Validation data, same forms as --data. Default: the dataset's validation split, else a held-out share."""
     validation_percent: float = Field(5.0, gt=0, lt=50)
@@ -147,6 +147,10 @@ class Config(BaseModel):
     """Keep only each layer's input and recompute the rest in backward: far less activation memory, about a third more compute."""
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
     """adamw; adamw-8bit: bitsandbytes', its states in 8 bits (a quarter of the memory); paged-adamw, paged-adamw-8bit: states paged to CPU memory when the GPU runs short (CUDA only)."""
+    beta: float = Field(0.1, gt=0)
+    """Preference data (DPO): how far from the reference the model may move; smaller lets it move further."""
+    reference: str | None = None
+    """Preference data (DPO): the reference model. Default: the starting model (with --lora: it, adapter off)."""
     compile: bool = False
     """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 
@@ -265,6 +269,7 @@ RESUME_MUST_MATCH = (
     "block_size", "streaming", "packing", "batch_size", "gradient_accumulation_steps", "seed", "lora", "lora_rank",
     "lora_alpha", "lora_dropout", "lora_targets",
     "quantize", "optimizer",  # the base weights the adapter learns against; the optimizer state's format
+    "beta", "reference",
 )  # fmt: skip
 RESUME_MAY_CHANGE = (
     "trust_remote_code", "epochs", "max_steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
@@ -279,7 +284,7 @@ def absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute, so the saved config.yaml (and `lmtune eval`) works from any folder."""
     update: dict[str, Any] = {
         key: absolute(value)
-        for key in ("model", "tokenizer", "data", "validation_data")
+        for key in ("model", "tokenizer", "data", "validation_data", "reference")
         if isinstance(value := getattr(cfg, key), str)
     }
     if isinstance(cfg.data, list):

@@ -45,7 +45,8 @@ def plan_table(plan: dict[str, Any], title: str) -> Table:
         *data_rows(plan),
         (
             "validation",
-            f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} documents: {plan['validation']}",
+            f"{plan['validation_tokens']:,} tokens in {plan['validation_documents']:,} "
+            f"{'pairs' if plan['data_format'] == 'preference' else 'documents'}: {plan['validation']}",
         ),
         (
             "steps",
@@ -83,7 +84,12 @@ def data_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         rows = [("documents", "streamed: read and tokenized as training takes them, so not counted ahead")]
     else:
         rows = [
-            ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)"),
+            ("documents", f"{plan['documents']:,} (skipped {plan['empty_documents']:,} empty)")
+            if plan["data_format"] != "preference"
+            else (
+                "pairs",
+                f"{plan['documents']:,} (skipped {plan['empty_documents']:,}: a side missing or blank, or chosen = rejected)",
+            ),
             (
                 "training tokens",
                 f"{plan['train_tokens_available']:,}" + (" (from cache)" if plan["data_from_cache"] else ""),
@@ -152,6 +158,13 @@ def data_row(plan: dict[str, Any]) -> tuple[str, str]:
             f"{plan['blocks']:,} of up to {plan['block_size']} tokens: text in full blocks, conversations {packed} "
             "with the loss on responses only"
         )
+    if plan["data_format"] == "preference":
+        return "rows", (
+            f"{plan['conversations']:,} pairs, one per row (chosen and rejected side by side), up to {plan['block_size']} "
+            f"tokens a side; {plan['examples_truncated']:,} sides cut short, {plan['examples_skipped']:,} pairs skipped "
+            f"(an answer with no token left); DPO loss on the answers, beta {plan['beta']:g}, reference "
+            f"{escape(str(plan['reference']))}, scored once before step 1"
+        )
     if plan["data_format"] != "chat":
         return "blocks", (
             f"{plan['blocks']:,} of {plan['block_size']} tokens; {plan['tokens_dropped']:,} tokens dropped at the end"
@@ -166,6 +179,16 @@ def data_row(plan: dict[str, Any]) -> tuple[str, str]:
         f"short ({plan['tokens_dropped']:,} tokens), {plan['examples_skipped']:,} skipped (no response left); "
         "loss on responses only"
     )
+
+
+def dpo_line(event: dict[str, Any]) -> str:
+    """The DPO figures of an evaluation, in one line (and at step 0, what its baseline is)."""
+    line = (
+        f"     dpo loss {event['eval_dpo_loss']:.4f}  reward accuracy {event['eval_reward_accuracy']:.3f}  "
+        f"margin {event['eval_reward_margin']:+.4f}  logp/token chosen {event['eval_chosen_logp']:.4f} "
+        f"rejected {event['eval_rejected_logp']:.4f}  ({event['eval_pairs']:,} held-out pairs)"
+    )
+    return line + (f"\n     {escape(event['baseline'])}" if event.get("baseline") else "")
 
 
 def trainable_row(plan: dict[str, Any]) -> str:
@@ -236,9 +259,10 @@ class Display:
                     self._task("training", event["total_steps"]), completed=event["step"], info=self.info
                 )
         elif kind == "train":
+            ppl = "" if event.get("perplexity") is None else f"  ppl {event['perplexity']:.2f}"  # DPO: none
+            name = "loss" if ppl else "dpo loss"
             self.info = (
-                f"loss {event['loss']:.4f}  ppl {event['perplexity']:.2f}  lr {event['lr']:.2e}  "
-                f"{human(event['tokens_per_second'])} tok/s"
+                f"{name} {event['loss']:.4f}{ppl}  lr {event['lr']:.2e}  {human(event['tokens_per_second'])} tok/s"
             )
             if self.progress:
                 self.progress.update(self._task("training", None), info=self.info)
@@ -256,6 +280,8 @@ class Display:
                 f"[cyan]eval[/] step {event['step']}: loss {event['eval_loss']:.4f}  perplexity {event['eval_perplexity']:.2f}"
                 + (f"  (by source: {per_source})" if per_source else "")
             )
+            if "eval_dpo_loss" in event:  # preference pairs: the DPO figures on the held-out pairs
+                self.print(dpo_line(event))
 
     def _phase(self, event: dict[str, Any]) -> None:
         name, total, done = event["phase"], event.get("total"), event.get("done")

@@ -201,7 +201,18 @@ def run_validation(plan: DataPlan, cfg: Config, tokenizer: Any, report: Report) 
     """A run folder's validation data, each source's exactly as its plan held it out."""
     if cfg.streaming:
         return [c.validation for c in streaming.validation_corpora(plan, tokenizer, report)]
-    return [c.validation for c in data.load_corpora(plan, tokenizer, report)]
+    corpora = data.load_corpora(plan, tokenizer, report)
+    return [chosen_sides(c.validation) if c.format == "preference" else c.validation for c in corpora]
+
+
+def chosen_sides(split: Split) -> Split:
+    """A preference split's chosen sides as a chat split: what a DPO run's eval_loss scores (the chosen answers)."""
+    assert split.starts is not None and split.mask is not None
+    starts = split.starts.tolist()
+    spans = [(starts[k], starts[k + 1]) for k in range(0, len(starts) - 1, 2)]
+    ids = np.concatenate([np.asarray(split.ids[s:e]) for s, e in spans])
+    mask = np.concatenate([np.asarray(split.mask[s:e]) for s, e in spans])
+    return Split(ids, len(spans), split.bytes, mask, np.cumsum([0, *(e - s for s, e in spans)]).astype(np.int64))
 
 
 def check_models(models: list[str]) -> None:

@@ -190,6 +190,56 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """Log-probability of each target under softmax(hidden @ weight.T), 0 where IGNORE, a chunk of rows of
+    logits at a time. Unlike the summed NLL above, each token's gradient is scaled differently (DPO weighs
+    each sequence by how wrong its pair is), so backward computes the chunk's logits again instead of the
+    forward keeping their gradients: one more matmul, no (tokens, vocab) tensor kept."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # (N,)
+        for i in range(0, len(hidden), CHUNK):
+            h, t = hidden[i : i + CHUNK], targets[i : i + CHUNK]
+            logits = (h @ weight.to(h.dtype).T).float()  # (C, V); upcast before the softmax
+            target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            out[i : i + CHUNK] = (target_logit - torch.logsumexp(logits, dim=-1)) * (t != IGNORE)
+        ctx.save_for_backward(hidden, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        wants_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_weight else None
+        w = weight.to(hidden.dtype)
+        for i in range(0, len(hidden), CHUNK):
+            h, t = hidden[i : i + CHUNK], targets[i : i + CHUNK]
+            probs = torch.softmax((h @ w.T).float(), dim=-1)  # (C, V)
+            # d logp / d logits = one_hot(target) - softmax, times the token's own gradient (0 where IGNORE)
+            g = grad[i : i + CHUNK] * (t != IGNORE)
+            d_logits = -probs * g[:, None]
+            d_logits[torch.arange(len(t), device=t.device), t.clamp(min=0)] += g
+            grad_hidden[i : i + CHUNK] = d_logits.to(h.dtype) @ w
+            if grad_weight is not None:
+                grad_weight += d_logits.T @ h.float()
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None
+
+
+def token_logprobs(model: Any, plain: Any, inputs: torch.Tensor, labels: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """(B, T-1) log-probability of each label token given the ones before it (position t predicts labels[t + 1]),
+    0 where IGNORE; differentiable. chunked: from the last hidden states a chunk at a time (see `supported`)."""
+    targets = labels[:, 1:].flatten()
+    if chunked:
+        hidden = last_hidden(model, plain, inputs)[:, :-1].flatten(0, 1)  # (B*(T-1), E)
+        out: torch.Tensor = _TokenLogprobs.apply(hidden, plain.get_output_embeddings().weight, targets)
+    else:
+        logits = model(input_ids=inputs).logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+        out = logits.log_softmax(-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1) * (targets != IGNORE)
+    return out.view(len(inputs), -1)
+
+
 def next_token_loss(
     model: Any,
     plain: Any,

@@ -24,7 +24,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lmtune import batches, checkpoint, data, hub, lora, loss, memory, mixture, runs
+from lmtune import batches, checkpoint, data, dpo, hub, lora, loss, memory, mixture, runs
 from lmtune.config import Config, absolute_paths
 from lmtune.data import plan as data_plan
 from lmtune.data import streaming
@@ -70,6 +70,7 @@ class Run:
     plan: dict[str, Any]
     resume_from: Path | None
     say: Report  # the user's report on the main process, silent on the others
+    dpo: dpo.Preference | None = None  # preference pairs: trained with the DPO loss against a reference
 
     @property
     def main(self) -> bool:
@@ -136,7 +137,8 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
     for src, corpus in zip(plan.sources, corpora, strict=True):
         if len(corpus.validation.ids) < 2:
             raise LmtuneError(f"the validation data of {src.name} is shorter than 2 tokens; pass more validation data")
-    collate = partial(batches.pad_batch, pad_id=tokenizer.pad_token_id)
+    pad = batches.pad_pairs if plan.preference else batches.pad_batch
+    collate = partial(pad, pad_id=tokenizer.pad_token_id)
     # On a GPU, batches are built in page-locked memory, so their copy to the GPU (non_blocking, see
     # make_accelerator) runs while the CPU goes on queueing the step's kernels instead of waiting for it.
     pin = accelerator.device.type == "cuda"
@@ -173,8 +175,30 @@ def prepare(cfg: Config, output: Path, resume_from: Path | None, report: Report)
         math.ceil(total_steps / steps_per_epoch), eval_every, cfg.save_every if cfg.save_every is not None else eval_every,
         {}, resume_from, say,
     )  # fmt: skip
+    if plan.preference:
+        run.dpo = preference(run, corpora, rows, mixed)
     run.plan = make_plan(run, corpora, rows, steps_per_epoch)
     return run
+
+
+def preference(run: Run, corpora: list[data.Corpus], rows: batches.Rows, mixed: mixture.Mixed | None) -> dpo.Preference:
+    """What DPO needs: beta, the reference, and each source's training and held-out pairs (cut as training cuts)."""
+    cfg = run.cfg
+    if run.fsdp:
+        raise LmtuneError("preference tuning (DPO) does not run under FSDP yet; use DDP or one process")
+    if cfg.from_scratch:
+        raise LmtuneError("preference tuning (DPO) starts from a trained model: pass MODEL, not --from-scratch")
+    train = [p for p in (mixed.parts if mixed else [rows.dataset]) if isinstance(p, batches.Pairs)]
+    validation = [batches.Pairs(c.validation, run.block_size) for c in corpora]
+    for src, pairs in zip(run.data_plan.sources, validation, strict=True):
+        if not len(pairs):
+            raise LmtuneError(
+                f"no held-out pair of {src.name} keeps a token of both answers; pass more validation data"
+            )
+    where = cfg.reference or (
+        f"{cfg.model} with the LoRA adapter off" if cfg.lora else f"the starting model {cfg.model}"
+    )
+    return dpo.Preference(cfg.beta, where, train, validation, [c.validation for c in corpora])
 
 
 def training_rows(
@@ -269,7 +293,7 @@ def make_plan(run: Run, corpora: list[data.Corpus], rows: batches.Rows, steps_pe
         "optimizer": cfg.optimizer,
         "processes": acc.num_processes,
         "streaming": streamed,
-        "documents": None if streamed else sum(c.train.documents for c in corpora),
+        "documents": None if streamed else sum(documents(c.train, c.format) for c in corpora),
         "empty_documents": sum(c.empty_documents for c in corpora),
         "train_tokens_available": None if streamed else sum(len(c.train.ids) for c in corpora),
         "data_format": "+".join(sorted({c.format for c in corpora})),
@@ -281,7 +305,7 @@ def make_plan(run: Run, corpora: list[data.Corpus], rows: batches.Rows, steps_pe
         "examples_truncated": rows.truncated,
         "examples_skipped": rows.skipped,  # chat: no response token left within the block
         "validation": "; ".join(c.validation_source for c in corpora),
-        "validation_documents": sum(c.validation.documents for c in corpora),
+        "validation_documents": sum(documents(c.validation, c.format) for c in corpora),
         "validation_tokens": sum(len(c.validation.ids) for c in corpora),
         "sources": source_rows(run, corpora),
         "steps_per_epoch": steps_per_epoch,
@@ -289,7 +313,16 @@ def make_plan(run: Run, corpora: list[data.Corpus], rows: batches.Rows, steps_pe
         "total_steps": run.total_steps,
         "tokens_per_step": cfg.batch_size * run.block_size * cfg.gradient_accumulation_steps * acc.num_processes,
         "data_from_cache": all(c.cached for c in corpora),
+        # preference pairs: trained with the DPO loss, against this reference
+        "objective": "dpo" if run.dpo else "next-token",
+        "beta": cfg.beta if run.dpo else None,
+        "reference": run.dpo.reference if run.dpo else None,
     }
+
+
+def documents(split: data.Split, fmt: str) -> int:
+    """Documents of a split as a person counts them: a preference pair is one (two sequences in the stream)."""
+    return split.documents // 2 if fmt == "preference" else split.documents
 
 
 def source_rows(run: Run, corpora: list[data.Corpus]) -> list[dict[str, Any]]:
@@ -409,8 +442,14 @@ def timed_passes(run: Run) -> dict[str, Any]:
             # Accumulating, a later micro-batch finds the gradients there: the peak holds both, and so here.
             run.optimizer.zero_grad(set_to_none=True)
         begin = time.perf_counter()
-        nll, count = loss.next_token_loss(run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions)
-        run.accelerator.backward(nll / count)
+        if run.dpo:  # both sides of each pair, as a DPO step takes them (the reference is scored once, before)
+            logps, count = dpo.side_logps(run.model, run.plain, inputs, labels, run.chunked, run.accelerator.autocast)
+            run.accelerator.backward(logps.sum() / count.sum())
+        else:
+            nll, count = loss.next_token_loss(
+                run.model, run.plain, inputs, labels, run.chunked, run.accelerator, positions
+            )
+            run.accelerator.backward(nll / count)
         timings.append(time.perf_counter() - begin)
         gradients = memory.gradient_bytes(run.model)
     parts = memory.split(

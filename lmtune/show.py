@@ -58,7 +58,7 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
         raise LmtuneError("lmtune data show shows one source; give --data once")
     tokenizer = data.tokenizer_for(cfg, plan, report)
     corpus = data.load_corpus(plan.sources[0], tokenizer, report)
-    chat = corpus.format == "chat"
+    chat = corpus.format in ("chat", "preference")
     plan = rows_shape(cfg, plan, report)
     block_size, packing = plan.block_size or 0, bool(plan.packing)
     if chat:
@@ -71,7 +71,16 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
         f"{given}: {corpus.format} data; tokenizer of {name} ({len(tokenizer):,} tokens, EOS {tokenizer.eos_token})",
         f"data plan: a {src.form}; validation: {src.describe_validation()}",
     ]
-    if chat:
+    if corpus.format == "preference":
+        template = "lmtune's simple one" if tokenizer.chat_template == data.SIMPLE_TEMPLATE else "the tokenizer's own"
+        about += [
+            f"chat template: {template}; each pair is its prompt answered twice, the chosen answer then the rejected "
+            "one; the DPO loss scores the answers' tokens only (their summed log-probabilities), each ending with EOS",
+            f"{rows.conversations:,} pairs, one per row, up to {block_size} tokens a side ({corpus.empty_documents:,} "
+            f"bad pairs skipped before: a side missing or blank, or chosen = rejected); {rows.truncated:,} sides cut "
+            f"short at the block size, {rows.skipped:,} pairs skipped (an answer with no token left)",
+        ]
+    elif chat:
         template = "lmtune's simple one" if tokenizer.chat_template == data.SIMPLE_TEMPLATE else "the tokenizer's own"
         how = "packed into" if packing else "one per row in"
         about += [
@@ -91,6 +100,10 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
         f"below: the first {shown:,} of the {len(rows.dataset):,} rows; training takes them in a shuffled order"
     )
     view = View(about)
+    if isinstance(rows.dataset, batches.Pairs):
+        for i in range(shown):
+            view.rows += pair_rows(i, rows.dataset, tokenizer)
+        return view
     for i in range(shown):
         # Collated alone, as training collates a batch (a row alone has no padding).
         inputs, labels, positions, _ = batches.pad_batch([rows.dataset[i]], tokenizer.pad_token_id)
@@ -151,6 +164,23 @@ def shown_row(
         which = ", ".join(f"{c + 1:,}" for c in numbers[:-1]) + f" and {numbers[-1] + 1:,}"
         title = f"row {i + 1:,} of {total:,}: conversations {which} ({len(ids):,} tokens, {scored:,} in the loss)"
     return Shown(title, pieces)
+
+
+def pair_rows(i: int, pairs: batches.Pairs, tokenizer: Any) -> list[Shown]:
+    """Pair `i` as training collates it: its chosen side, then its rejected side, each with the tokens scored."""
+    inputs, labels, _, _ = batches.pad_pairs([pairs[i]], tokenizer.pad_token_id)
+    out = []
+    for side, name in enumerate(("chosen", "rejected")):
+        start, end = (pairs.pairs[i][1], pairs.pairs[i][2])[side]
+        length = end - start  # without the padding
+        ids, labs = inputs[0, side, :length].tolist(), labels[0, side, :length].tolist()
+        in_loss = [t > 0 and label != loss.IGNORE for t, label in enumerate(labs)]
+        pieces = [
+            Piece(text, any(in_loss[a:b]), tokenizer.eos_token_id in ids[a:b]) for a, b, text in decoded(tokenizer, ids)
+        ]
+        title = f"pair {i + 1:,} of {len(pairs):,}, {name} ({len(ids):,} tokens, {sum(in_loss):,} scored: the answer)"
+        out.append(Shown(title, pieces))
+    return out
 
 
 def conversation(split: Split, start: int) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
-from lmtune import atomic, batches, card, checkpoint, data, hub, loss, runs
+from lmtune import atomic, batches, card, checkpoint, data, dpo, hub, loss, runs
 from lmtune.config import Config
 from lmtune.data import plan as data_plan
 from lmtune.errors import LmtuneError, first_line
@@ -133,6 +133,8 @@ def finetune(
             checkpoint.check_target(saved["step"], run.total_steps, output)
         start_run_folder(run, saved, overwrite or start == runs.START_OVER)
         progress = resumed(run, saved, tensors) if saved else Progress().to(run.accelerator.device)
+        if run.dpo:  # preference pairs: the reference's log-probabilities, once (or from the cache)
+            dpo.score_reference(run)
         stop.armed = True  # from here a signal asks for a checkpoint at the next step
         base = Score(**saved["base"]) if saved else evaluate(run, progress)
         if stop.requested(run.accelerator):
@@ -185,7 +187,7 @@ def start_run_folder(run: Run, saved: dict[str, Any], overwrite: bool) -> None:
 # --- the loop ---------------------------------------------------------------------------------------
 
 
-def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> tuple[Score, list[Score]] | None:
+def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> tuple[Score, list[Score], dict[str, Any]] | None:
     """Optimizer steps until run.total_steps (or an early stop), evaluating and checkpointing on the way.
     Returns the evaluation of the step it stopped early at (the final one, already done), else None."""
     acc, cfg, model = run.accelerator, run.cfg, run.model
@@ -216,7 +218,8 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> tuple[Score,
             # forward and backward; out of GPU memory, the same step again in micro-batches of half the rows
             while True:
                 try:
-                    nll, n_labels, finite = forward_backward(run, batches.split_rows(group, pieces))
+                    step_once = dpo.forward_backward if run.dpo else forward_backward  # DPO: loss summed over pairs
+                    nll, n_labels, finite = step_once(run, batches.split_rows(group, pieces))
                     break
                 except torch.OutOfMemoryError:
                     pieces = fewer_rows(run, group, pieces, p.step + 1)
@@ -246,7 +249,8 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> tuple[Score,
                 tick = time.perf_counter()
                 record(run, {
                     "event": "train", "step": p.step, "epoch": epoch, "tokens": p.tokens_seen,
-                    "loss": mean, "perplexity": math.exp(min(mean, 700)), "lr": run.scheduler.get_last_lr()[0],
+                    "loss": mean, "perplexity": None if run.dpo else math.exp(min(mean, 700)),  # DPO: the DPO loss
+                    "lr": run.scheduler.get_last_lr()[0],
                     "tokens_per_second": p.tokens_seen / p.train_seconds, "elapsed": p.train_seconds,
                 })  # fmt: skip
                 p.loss_sum.zero_()
@@ -259,7 +263,7 @@ def train(run: Run, p: Progress, base: Score, stop: StopSignals) -> tuple[Score,
             if run.eval_every and p.step % run.eval_every == 0 and not last:
                 p.train_seconds += time.perf_counter() - tick
                 scored = evaluate_sources(run, p)
-                best = judge(run, p, scored[0])
+                best = judge(run, p, judged_loss(scored[0], scored[2]))
                 tick = time.perf_counter()
             if p.stopped_early_at is not None:  # the schedule is left as it is: the run just ends here
                 break
@@ -352,9 +356,36 @@ def evaluate(run: Run, p: Progress) -> Score:
     return evaluate_sources(run, p)[0]
 
 
-def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score]]:
+def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score], dict[str, Any]]:
     """Score each source's validation data (windows split across processes) and record it, with the
-    token-weighted whole. Step 0: before training."""
+    token-weighted whole, and for preference pairs the DPO figures. Step 0: before training."""
+    figures: dict[str, Any] = {}
+    if run.dpo:  # preference pairs: eval_loss is the chosen answers' NLL; the DPO figures beside it
+        s, scores, figures = dpo.evaluate(run, p.step)
+    else:
+        s, scores = score_validation(run)
+    if p.step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
+        raise non_finite(run.output, run.cfg.learning_rate, f"the evaluation loss became {s.loss} at step {p.step}")
+    event = {
+        "event": "eval",
+        "step": p.step,
+        "tokens": p.tokens_seen,
+        "eval_loss": s.loss,
+        "eval_perplexity": s.perplexity,
+        **{k: v for k, v in figures.items() if k != "dpo_sources"},
+    }
+    if len(scores) > 1:  # each source's own figures beside the whole (a curve each in TensorBoard)
+        event["sources"] = [
+            {"name": src.name, "eval_loss": one.loss, "eval_perplexity": one.perplexity, "eval_tokens": one.tokens}
+            | (figures["dpo_sources"][i] if run.dpo else {})
+            for i, (src, one) in enumerate(zip(run.data_plan.sources, scores, strict=True))
+        ]
+    record(run, event)
+    return s, scores, figures
+
+
+def score_validation(run: Run) -> tuple[Score, list[Score]]:
+    """Each source's validation tokens scored (windows split across processes), and their token-weighted whole."""
     acc = run.accelerator
     scores = [
         # FSDP's wrapper gathers the weights in its forward (FSDP 1 only unwraps to a module of shards).
@@ -374,31 +405,22 @@ def evaluate_sources(run: Run, p: Progress) -> tuple[Score, list[Score]]:
         )
         for split in run.validation
     ]
-    s = Score.total(scores)
-    if p.step and not math.isfinite(s.loss):  # the weights went bad: stop before they are saved
-        raise non_finite(run.output, run.cfg.learning_rate, f"the evaluation loss became {s.loss} at step {p.step}")
-    event = {
-        "event": "eval",
-        "step": p.step,
-        "tokens": p.tokens_seen,
-        "eval_loss": s.loss,
-        "eval_perplexity": s.perplexity,
-    }
-    if len(scores) > 1:  # each source's own figures beside the whole (a curve each in TensorBoard)
-        event["sources"] = [
-            {"name": src.name, "eval_loss": one.loss, "eval_perplexity": one.perplexity, "eval_tokens": one.tokens}
-            for src, one in zip(run.data_plan.sources, scores, strict=True)
-        ]
-    record(run, event)
-    return s, scores
+    return Score.total(scores), scores
 
 
-def judge(run: Run, p: Progress, s: Score) -> bool:
-    """Whether evaluation `s` is the best so far, improving on the best by more than --early-stopping-delta;
-    after --early-stopping evaluations in a row that are not, the run stops early (said, and recorded)."""
+def judged_loss(s: Score, figures: dict[str, Any]) -> float:
+    """What --keep-best and --early-stopping judge an evaluation by: the DPO loss for preference pairs, else the
+    evaluation loss."""
+    return float(figures["eval_dpo_loss"]) if "eval_dpo_loss" in figures else s.loss
+
+
+def judge(run: Run, p: Progress, loss: float) -> bool:
+    """Whether an evaluation's `loss` (judged_loss) is the best so far, improving on the best by more than
+    --early-stopping-delta; after --early-stopping evaluations in a row that are not, the run stops early (said,
+    and recorded)."""
     cfg = run.cfg
-    if p.best_loss is None or s.loss < p.best_loss - cfg.early_stopping_delta:
-        p.best_step, p.best_loss, p.evals_since_best = p.step, s.loss, 0
+    if p.best_loss is None or loss < p.best_loss - cfg.early_stopping_delta:
+        p.best_step, p.best_loss, p.evals_since_best = p.step, loss, 0
         return True
     p.evals_since_best += 1
     if cfg.early_stopping and p.evals_since_best >= cfg.early_stopping and p.step < run.total_steps:
@@ -522,7 +544,7 @@ def resumed(run: Run, saved: dict[str, Any], tensors: dict[str, Any]) -> Progres
 
 
 def finish(
-    run: Run, p: Progress, base: Score, stop: StopSignals, scored: tuple[Score, list[Score]] | None
+    run: Run, p: Progress, base: Score, stop: StopSignals, scored: tuple[Score, list[Score], dict[str, Any]] | None
 ) -> dict[str, Any]:
     """Final evaluation (`scored`, the whole and each source's, when the run stopped early: done), the model (with --keep-best the best
     checkpoint's), curves, card and summary (last: it marks a complete run), teardown, upload.
@@ -530,9 +552,9 @@ def finish(
     A signal from here on finishes the run: saving it takes as long as the checkpoint a signal asks for.
     """
     acc, cfg = run.accelerator, run.cfg
-    final, per_source = evaluate_sources(run, p) if scored is None else scored
+    final, per_source, figures = evaluate_sources(run, p) if scored is None else scored
     if scored is None:
-        judge(run, p, final)
+        judge(run, p, judged_loss(final, figures))
     best = run.output / runs.CHECKPOINTS / checkpoint.folder_name(p.best_step or 0)
     from_best = cfg.keep_best and p.best_step != p.step  # the run folder's model is an earlier checkpoint's
     check_weights(run, p)
@@ -548,12 +570,15 @@ def finish(
         "stopped_early_at": p.stopped_early_at,
         # --keep-best: the step whose model the run folder holds; eval_loss and the rest are the last step's
         **({"best_step": p.best_step, "best_eval_loss": p.best_loss} if cfg.keep_best else {}),
+        # preference pairs: the last evaluation's DPO figures, and what the reference was
+        **({k: v for k, v in figures.items() if k.startswith("eval_")} | {"reference": run.dpo.reference, "reference_seconds": run.dpo.reference_seconds} if run.dpo else {}),
     }  # fmt: skip
     # The card's "after" is the model the folder holds. Bits per byte scale with the loss: the same stream.
+    # (Preference runs judge by the DPO loss, which is not this row's: their card keeps the last step's.)
     kept = {
         "eval_loss": p.best_loss, "eval_perplexity": math.exp(p.best_loss or 0),
         "eval_bits_per_byte": final.bits_per_byte * (p.best_loss or 0) / final.loss,
-    } if from_best else {}  # fmt: skip
+    } if from_best and not run.dpo else {}  # fmt: skip
 
     def write() -> None:
         try:

@@ -14,9 +14,9 @@ from lmtune.data.prepared import (
     tokenizer_for,
     training_texts,
 )
+from lmtune.data.rows import check_conversation
 from lmtune.data.sources import (
     FORMATS,
-    check_conversation,
     data_format,
     eval_documents,
     eval_source,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from lmtune.data.tokens import Workers, join, tokenize
-from lmtune.data.types import CHUNK, Conversation, Documents, Split
+from lmtune.data.types import CHUNK, Conversation, Documents, Pair, Split
 from lmtune.errors import LmtuneError
 from lmtune.events import Report
 
@@ -32,8 +32,9 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = SIMPLE_TEMPLATE
 
 
-def render(tokenizer: Any, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as the chat template writes it, and the character spans of the responses in it.
+def render(tokenizer: Any, messages: Conversation, first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the chat template writes it, and the character spans of the responses in it
+    (those from message `first` on: a preference pair's answers, not the assistant turns of its prompt).
 
     A response's span is what rendering it adds to the conversation before it plus the generation prompt,
     so the template's own end-of-turn marks count as part of the response, and the headings do not.
@@ -46,7 +47,7 @@ def render(tokenizer: Any, messages: Conversation) -> tuple[str, list[tuple[int,
     full = text(messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         before = text(messages[:i], prompt=True) if i else ""
         upto = text(messages[: i + 1])
@@ -59,8 +60,11 @@ def render(tokenizer: Any, messages: Conversation) -> tuple[str, list[tuple[int,
     return full, spans
 
 
-def has_text(doc: str | Conversation) -> bool:
-    """A document worth training on: text that is not blank; a conversation with a non-blank response."""
+def has_text(doc: str | Conversation | Pair) -> bool:
+    """A document worth training on: text that is not blank; a conversation with a non-blank response; a
+    pair with a prompt and two answers that differ."""
+    if isinstance(doc, Pair):
+        return doc.bad is None
     if isinstance(doc, str):
         return bool(doc.strip())
     return any(m["role"] == "assistant" and m["content"].strip() for m in doc)
@@ -68,21 +72,24 @@ def has_text(doc: str | Conversation) -> bool:
 
 @dataclass
 class Encoded:
-    """Documents tokenized one by one; chat ones with their response masks, each ending in EOS."""
+    """Documents tokenized one by one; chat ones with their response masks, each ending in EOS. A preference
+    pair is two sequences, chosen then rejected (`sides` 2), kept together."""
 
     ids: list[np.ndarray]
     masks: list[np.ndarray] | None  # chat only: True on response tokens
-    nbytes: list[int]  # UTF-8 bytes of the scored text of each document
+    nbytes: list[int]  # UTF-8 bytes of the scored text of each document (a pair: its chosen answer)
+    sides: int = 1  # sequences per document
 
     def split(self, idx: Sequence[int], eos: int, dtype: Any) -> Split:
         nbytes = sum(self.nbytes[i] for i in idx)
         if self.masks is None:
             return Split(join([self.ids[i] for i in idx], eos, dtype), len(idx), nbytes)
-        ids = [self.ids[i] for i in idx]
+        seqs = [i * self.sides + k for i in idx for k in range(self.sides)]
+        ids = [self.ids[j] for j in seqs]
         starts = np.cumsum([0, *map(len, ids)]).astype(np.int64)
-        mask = np.concatenate([self.masks[i] for i in idx]) if ids else np.zeros(0, dtype=bool)
+        mask = np.concatenate([self.masks[j] for j in seqs]) if ids else np.zeros(0, dtype=bool)
         stream = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype=dtype)
-        return Split(stream, len(idx), nbytes, mask, starts)
+        return Split(stream, len(seqs), nbytes, mask, starts)
 
 
 def encode(docs: Documents, tokenizer: Any, report: Report, what: str, workers: Workers | None = None) -> Encoded:
@@ -91,10 +98,18 @@ def encode(docs: Documents, tokenizer: Any, report: Report, what: str, workers: 
         texts = [d for d in docs if isinstance(d, str)]
         return Encoded(tokenize(texts, tokenizer, report, what, workers), None, [len(t.encode("utf-8")) for t in texts])
     ensure_chat_template(tokenizer)
+    pairs = isinstance(docs[0], Pair)
+    # (conversation, its first scored message): a pair is two, chosen then rejected, scored after the prompt.
+    convs: list[tuple[Conversation, int]] = []
+    for d in docs:
+        if isinstance(d, Pair):
+            convs += [(d.side("chosen"), len(d.prompt)), (d.side("rejected"), len(d.prompt))]
+        elif not isinstance(d, str):
+            convs.append((d, 0))
     all_ids, masks, nbytes = [], [], []
     eos = tokenizer.eos_token_id
-    for start in range(0, len(docs), CHUNK):
-        rendered = [render(tokenizer, c) for c in docs[start : start + CHUNK] if not isinstance(c, str)]
+    for start in range(0, len(convs), CHUNK):
+        rendered = [render(tokenizer, c, first) for c, first in convs[start : start + CHUNK]]
         try:
             enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         except NotImplementedError:
@@ -112,5 +127,7 @@ def encode(docs: Documents, tokenizer: Any, report: Report, what: str, workers: 
             all_ids.append(ids_arr)
             masks.append(mask)
             nbytes.append(sum(len(text[a:b].encode("utf-8")) for a, b in spans))
-        report({"event": "phase", "phase": f"tokenizing {what}", "done": start + len(rendered), "total": len(docs)})
+        report({"event": "phase", "phase": f"tokenizing {what}", "done": start + len(rendered), "total": len(convs)})
+    if pairs:  # bits per byte of a pair: of its chosen answer, the text eval_loss scores
+        return Encoded(all_ids, masks, nbytes[::2], sides=2)
     return Encoded(all_ids, masks, nbytes)

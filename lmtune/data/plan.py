@@ -3,7 +3,7 @@ before anything is tokenized. Everything after reads it (`DataPlan`, in types.py
 streaming, `data show`, `prepare`, the run folder's data_plan.json that `eval` and resume read. Nothing
 decides these again.
 
-For each source: its form (hub dataset, file, folder, prepared folder), its format (text or chat), its text
+For each source: its form (hub dataset, file, folder, prepared folder), its format (text, chat or preference pairs), its text
 column, its weight, and where its validation comes from, in this order of preference: validation data given
 for it, its own validation split (a hub dataset's `validation`, a folder's valid/validation/dev file), else a
 share of its documents held out by a hash of their text (the last tokens of a single document).
@@ -41,6 +41,12 @@ def decide(cfg: Config) -> DataPlan:
             raise LmtuneError("give every --data a weight, or none (then: by size)")
         if cfg.streaming and all(w is None for w in weights):
             raise LmtuneError("a stream has no size to weigh by: pass --data-weights with --streaming")
+        formats = {p.data_format for p in plans}
+        if "preference" in formats and len(formats) > 1:
+            raise LmtuneError(
+                "preference pairs train with the DPO loss, which text and chat data have no place in; mix preference "
+                "sources only with each other (train on the chat data first, then DPO from that run)"
+            )
     return DataPlan(plans, notes=tuple(notes))
 
 
@@ -78,10 +84,12 @@ def source_plan(d: DataSource, cfg: Config, name: str) -> SourcePlan:
 
 
 def detect_format(spec: str, reading: SourcePlan) -> str:
-    """text or chat, as `auto` finds it from the data (a stream is text: streaming reads text only)."""
+    """text, chat or preference, as `auto` finds it from the data (a stream is text: streaming reads text only)."""
     if reading.streaming:
-        if reading.data_format == "chat":
-            raise LmtuneError("--streaming reads text data; prepare chat data (lmtune prepare) instead")
+        if reading.data_format in ("chat", "preference"):
+            raise LmtuneError(
+                f"--streaming reads text data; prepare {reading.data_format} data (lmtune prepare) instead"
+            )
         return "text"
     return sources.train_split(sources.sources(spec, reading), spec).format
 

@@ -28,7 +28,7 @@ from lmtune.data.sources import (
 )
 from lmtune.data.streams import DamagedCache, cache_key, read_cache, write_folder
 from lmtune.data.tokens import default_workers, token_dtype, tokenizer_fingerprint
-from lmtune.data.types import Corpus, DataPlan, SourcePlan, Split, log
+from lmtune.data.types import RENDERED, Corpus, DataPlan, SourcePlan, Split, log
 from lmtune.errors import LmtuneError
 from lmtune.events import Report
 from lmtune.runs import home
@@ -65,7 +65,7 @@ def load_corpus(what: Config | SourcePlan, tokenizer: Any, report: Report, worke
         except DamagedCache as err:
             log.warning("token cache entry %s is damaged (%s); rebuilding it", folder, err)
         else:
-            if corpus.format == "chat":
+            if corpus.format in RENDERED:
                 ensure_chat_template(tokenizer)
             log.info("tokenized data from cache %s", folder)
             if corpus.overlap_warning:
@@ -87,14 +87,14 @@ def read_prepared(folder: Path, tokenizer: Any) -> Corpus:
         raise LmtuneError(
             f"prepared data {folder} is damaged ({err}); prepare it again with lmtune prepare ... --overwrite"
         ) from None
-    own = {tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(tokenizer, template=corpus.format == "chat")}
+    own = {tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(tokenizer, template=corpus.format in RENDERED)}
     if not own & set(fingerprints):
         raise LmtuneError(
             f"{folder} holds tokens of another tokenizer than this run's ({tokenizer.name_or_path}); train with the "
             f"one it was made with (--tokenizer {folder / PREPARED_TOKENIZER}), or prepare the data for this one: "
             f"lmtune prepare {made_from} --tokenizer {tokenizer.name_or_path}"
         )
-    if corpus.format == "chat":
+    if corpus.format in RENDERED:
         ensure_chat_template(tokenizer)
     if corpus.overlap_warning:
         log.warning(corpus.overlap_warning)

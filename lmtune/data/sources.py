@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from lmtune.data.types import CHUNK, ROLES, Conversation, Documents, Source
+from lmtune.data.rows import document
+from lmtune.data.types import CHUNK, Documents, Source
 from lmtune.errors import LmtuneError, first_line
 
 ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
@@ -104,7 +105,15 @@ def split_txt(text: str, mode: str) -> list[str]:
 
 
 def data_format(columns: list[str], cfg: Reading, source: str) -> str:
-    """text or chat: chat when asked, or (auto) when the data has `messages` or `prompt` and `response` columns."""
+    """text, chat or preference: chat when asked, or (auto) when the data has `messages` or `prompt` and
+    `response` columns; preference when asked or (auto) when it has `chosen` and `rejected` (and `prompt`)."""
+    has_pairs = {"chosen", "rejected"} <= set(columns)
+    if cfg.data_format == "preference" and not has_pairs:
+        raise LmtuneError(
+            f"{source} has no `chosen` and `rejected` columns, which preference data needs; it has {', '.join(columns)}"
+        )
+    if cfg.data_format == "preference" or (cfg.data_format == "auto" and has_pairs):
+        return "preference"
     has_chat = "messages" in columns or {"prompt", "response"} <= set(columns)
     if cfg.data_format == "chat" and not has_chat:
         raise LmtuneError(
@@ -112,20 +121,6 @@ def data_format(columns: list[str], cfg: Reading, source: str) -> str:
             f"it has {', '.join(columns)}"
         )
     return "chat" if cfg.data_format == "chat" or (cfg.data_format == "auto" and has_chat) else "text"
-
-
-def check_conversation(messages: Any, source: str, row: int) -> Conversation:
-    """A list of {role, content} messages with known roles and text content, or a clear error naming the row."""
-    if not isinstance(messages, list) or not messages:
-        raise LmtuneError(f"{source} row {row}: `messages` must be a non-empty list of {{role, content}} objects")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str | None):
-            raise LmtuneError(
-                f"{source} row {row}: each message needs a role ({', '.join(ROLES)}) and text content, got {m!r:.80}"
-            )
-        out.append({"role": m["role"], "content": m["content"] or ""})
-    return out
 
 
 @functools.cache
@@ -186,9 +181,10 @@ def read_documents(spec: str, cfg: Reading) -> dict[str, Documents]:
 def file_source(files: list[Path], spec: str, cfg: Reading) -> Source:
     if FORMATS[files[0].suffix.lower()] != "text":
         return table_source(load_table(files, spec), cfg, spec)
-    if cfg.data_format == "chat":
+    if cfg.data_format in ("chat", "preference"):
         raise LmtuneError(
-            f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`"
+            f"{spec} is plain text; chat data is JSONL (or a table) with `messages` or `prompt`/`response`, "
+            "preference data with `prompt`, `chosen` and `rejected`"
         )
 
     def read() -> Iterator[tuple[list[str], int]]:
@@ -282,6 +278,8 @@ def table_source(ds: Any, cfg: Reading, name: str) -> Source:
     if fmt == "text":
         check_text_column(ds, cfg.text_column, name)
         columns = [cfg.text_column]
+    elif fmt == "preference":
+        columns = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
     else:
         columns = ["messages"] if "messages" in ds.column_names else ["prompt", "response"]
 
@@ -292,18 +290,6 @@ def table_source(ds: Any, cfg: Reading, name: str) -> Source:
             row += len(batch[columns[0]])
 
     return Source(name, fmt, ds.num_rows, "rows", read)
-
-
-def document(batch: dict[str, list[Any]], columns: list[str], i: int, row: int, source: str) -> str | Conversation:
-    """Row i of a batch: its text, or its conversation (checked, named by its row in the table)."""
-    if columns == ["messages"]:
-        return check_conversation(batch["messages"][i], source, row)
-    if columns == ["prompt", "response"]:
-        prompt, response = batch["prompt"][i], batch["response"][i]
-        return check_conversation(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], source, row
-        )
-    return batch[columns[0]][i] or ""
 
 
 def check_text_column(ds: Any, column: str, source: str) -> None:

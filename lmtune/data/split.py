@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from lmtune.data.types import Conversation, Documents, log
+from lmtune.data.types import Conversation, Documents, Pair, log
 
 SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run compares on the same ones
 # The share of the validation text (in characters) that, when it repeats training documents, makes the
@@ -19,10 +19,18 @@ SPLIT_SEED = 0  # the held-out documents depend on the data only, so every run c
 OVERLAP_WARNING = 0.01
 
 
-def content_hash(doc: str | Conversation) -> int:
-    """A document's identity, 64 bits: its text (a conversation's roles and texts) less the whitespace at
-    either end, as the overlap check compares documents; hashed with SPLIT_SEED."""
-    text = doc.strip() if isinstance(doc, str) else json.dumps([(m["role"], m["content"].strip()) for m in doc])
+def content_hash(doc: str | Conversation | Pair) -> int:
+    """A document's identity, 64 bits: its text (a conversation's roles and texts; a pair's prompt and both
+    answers, so its two sides stay together) less the whitespace at either end, as the overlap check compares
+    documents; hashed with SPLIT_SEED."""
+
+    def turns(c: Conversation) -> list[tuple[str, str]]:
+        return [(m["role"], m["content"].strip()) for m in c]
+
+    if isinstance(doc, Pair):
+        text = json.dumps([turns(doc.prompt), turns(doc.chosen), turns(doc.rejected)])
+    else:
+        text = doc.strip() if isinstance(doc, str) else json.dumps(turns(doc))
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=SPLIT_SEED.to_bytes(16, "little"))
     return int.from_bytes(digest.digest(), "little")
 
@@ -42,9 +50,9 @@ def held_out(docs: Documents, percent: float) -> list[bool]:
     return held
 
 
-def document_length(doc: str | Conversation) -> int:
+def document_length(doc: str | Conversation | Pair) -> int:
     """Characters of text, for the share of the validation text that repeats training documents."""
-    return len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
+    return len(doc) if isinstance(doc, str | Pair) else sum(len(m["content"]) for m in doc)
 
 
 def overlap_warning(shared: int, total: int, share: float, where: str) -> str | None:

@@ -57,8 +57,8 @@ def open_stream(src: SourcePlan, split: str = "train") -> Source:
     except Exception as err:  # datasets raises many types for "not there"; all mean the same to a user
         raise LmtuneError(f"cannot stream `{src.data}` ({first_line(err)}); check the name and your network") from None
     columns = list(ds.column_names or [])
-    if sources.data_format(columns, src, src.data) == "chat":
-        raise LmtuneError("--streaming reads text data; prepare chat data (lmtune prepare) instead")
+    if (fmt := sources.data_format(columns, src, src.data)) != "text":
+        raise LmtuneError(f"--streaming reads text data; prepare {fmt} data (lmtune prepare) instead")
     if src.text_column not in columns:
         raise LmtuneError(
             f"{src.data} has no column `{src.text_column}`; it has {', '.join(columns)}. Pass --text-column"

@@ -24,7 +24,7 @@ from lmtune.data.chat import encode, has_text
 from lmtune.data.sources import Source, eval_source, identity, sources, train_split
 from lmtune.data.split import content_hash, document_length, overlap_warning, split_threshold
 from lmtune.data.tokens import Workers, token_dtype, tokenizer_fingerprint, tokenizer_pool
-from lmtune.data.types import Corpus, SourcePlan, Split
+from lmtune.data.types import RENDERED, Corpus, SourcePlan, Split
 from lmtune.errors import LmtuneError, first_line
 from lmtune.events import Report, silent
 
@@ -172,10 +172,12 @@ def write_streams(src: SourcePlan, tokenizer: Any, report: Report, folder: Path,
         val, where = eval_source(src.validation_data, src), f"--validation-data {src.validation_data}"
     elif src.validation == "split":
         val, where = splits["validation"], f"validation: {source}"
-    chat = train.format == "chat"
+    chat = train.format in RENDERED  # chat or preference pairs: rendered, stored with their masks
     if val is not None and val.format != train.format:
-        kinds = ("chat", "plain text") if chat else ("plain text", "chat")
-        raise LmtuneError(f"the training data is {kinds[0]} but the validation data ({source}) is {kinds[1]}")
+        kinds = {"text": "plain text", "chat": "chat", "preference": "preference pairs"}
+        raise LmtuneError(
+            f"the training data is {kinds[train.format]} but the validation data ({source}) is {kinds[val.format]}"
+        )
     fingerprint = tokenizer_fingerprint(tokenizer)  # before chat data gives it a template
     warning = None
     with ExitStack() as stack:
@@ -212,7 +214,9 @@ def write_streams(src: SourcePlan, tokenizer: Any, report: Report, folder: Path,
                 hold_out_the_tail(streams, src.validation_percent)
                 source = f"the last {src.validation_percent:g}% of the tokens of {src.data}, held out"
         if not t.documents:
-            what = "0 conversations with a response" if chat else "0 non-empty documents"
+            what = {"chat": "0 conversations with a response", "text": "0 non-empty documents"}.get(
+                train.format, f"0 good preference pairs of {t.empty:,}: each lacks a side or has chosen = rejected"
+            )
             raise LmtuneError(f"{src.data} holds no text ({what})")
         if chat and val is None and t.documents == 1:
             raise LmtuneError(f"{src.data} holds one conversation; pass --validation-data or more conversations")
@@ -228,7 +232,7 @@ def write_streams(src: SourcePlan, tokenizer: Any, report: Report, folder: Path,
         "key": key,  # the cache key: a prepared folder with the same one need not be prepared again
         "validation_source": source,
         "empty_documents": t.empty,
-        "format": "chat" if chat else "text",
+        "format": train.format,
         "overlap_warning": warning,
         # The tokenizer as it was, and (chat) with the template it was given: either reads these tokens.
         # Text: any template (a chat source mixed in may have given it one).
@@ -271,7 +275,7 @@ def cache_key(src: SourcePlan, tokenizer: Any) -> str:
         src.txt_documents,
         src.validation_percent,
         src.data_format,
-        tokenizer_fingerprint(tokenizer, template=src.data_format == "chat"),
+        tokenizer_fingerprint(tokenizer, template=src.data_format in RENDERED),
     ]
     return hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:24]
 
@@ -325,7 +329,7 @@ def read_cache(folder: Path) -> Corpus:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         files = {file: (int(v["bytes"]), str(v["sha256"])) for file, v in meta["files"].items()}
-        chat = meta["format"] == "chat"
+        chat = meta["format"] in RENDERED
         counts = {name: (meta[name]["tokens"], meta[name]["documents"]) for name in ("train", "validation")}
     except KeyError as err:
         raise DamagedCache(f"meta.json: no {err}") from None

@@ -1,6 +1,6 @@
 """The data layer's shared types, at the bottom of the package: every other file may import them, they
-import nothing of lmtune's. A document passes the files in this order: `sources` (reading), `chat`
-(templates), `tokens` (tokenizing), `split` (the held-out rule), `streams` (token streams on disk and
+import nothing of lmtune's. A document passes the files in this order: `sources` (reading; `rows` makes a
+table row a document), `chat` (templates), `tokens` (tokenizing), `split` (the held-out rule), `streams` (token streams on disk and
 their cache), `prepared` (the corpus a run trains on), `streaming` (data read as training takes it); `plan`
 decides once, before any of them runs, what each source is and where its validation comes from."""
 
@@ -22,8 +22,42 @@ CHUNK = 1000
 GROUP_CHARS = 8_000_000
 
 Conversation = list[dict[str, str]]  # [{"role": "user", "content": "..."}, {"role": "assistant", ...}]
-Documents = Sequence[str | Conversation]  # texts, or (chat) conversations
 ROLES = ("system", "user", "assistant")
+# The data formats rendered with the chat template and stored with a mask of the scored tokens (not text).
+RENDERED = ("chat", "preference")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair: one prompt (its leading turns) answered twice, the chosen answer and the rejected one.
+    Each side is the whole conversation as the chat template renders it; the loss scores the turns after
+    the prompt only. Empty sides or identical ones make a bad pair (`bad`), counted and skipped."""
+
+    prompt: Conversation  # the shared leading turns
+    chosen: Conversation  # the answer turns after the prompt (assistant messages)
+    rejected: Conversation
+
+    def side(self, which: str) -> Conversation:
+        """The whole conversation of one side: the prompt then that answer."""
+        return [*self.prompt, *(self.chosen if which == "chosen" else self.rejected)]
+
+    @property
+    def bad(self) -> str | None:
+        """Why this pair cannot train (a side missing or blank, both sides the same), or None."""
+        if not self.prompt:
+            return "no prompt"
+        blank = [w for w in ("chosen", "rejected") if not any(m["content"].strip() for m in getattr(self, w))]
+        if blank:
+            return f"no {' and no '.join(blank)} answer"
+        if self.chosen == self.rejected:
+            return "chosen = rejected"
+        return None
+
+    def __len__(self) -> int:  # characters, for reading in groups
+        return sum(len(m["content"]) for m in (*self.prompt, *self.chosen, *self.rejected))
+
+
+Documents = Sequence[str | Conversation | Pair]  # texts, (chat) conversations, or (preference) pairs
 
 
 @dataclass
@@ -31,7 +65,8 @@ class Split:
     """One split as a single token stream: each document followed by EOS.
 
     Chat data adds `mask` and `starts`: its examples are scored and trained on one by one, and only
-    the response tokens count.
+    the response tokens count. Preference data is stored as chat data with each pair's two sides one after
+    the other (chosen, then rejected): `documents` counts sides, twice the pairs.
     """
 
     ids: np.ndarray  # (N,) token ids, uint16 or int32; a memory map when read from disk
@@ -50,7 +85,7 @@ class Corpus:
     validation_source: str  # where validation came from, said in the logs and the summary
     empty_documents: int  # empty or blank documents (chat: conversations without a response) skipped
     cached: bool
-    format: str = "text"  # "text" or "chat"
+    format: str = "text"  # "text", "chat" or "preference"
     overlap_warning: str | None = None  # validation documents that are training documents too; said every run
 
 
@@ -59,7 +94,7 @@ class Source:
     """One split's documents, read in groups (with how far the reading got, for progress) when iterated."""
 
     name: str  # the file, folder or dataset (and split), for messages
-    format: str  # "text" or "chat"
+    format: str  # "text", "chat" or "preference"
     total: int  # its size, for progress: bytes of text files, rows of tables; 0: unknown (a stream)
     unit: str  # "MB" or "rows"
     read: Callable[[], Iterator[tuple[list[Any], int]]]  # (documents, bytes or rows read so far); can be called again
@@ -71,7 +106,7 @@ class Source:
         for docs, done in self.read():
             for d in docs:
                 group.append(d)
-                chars += len(d) if isinstance(d, str) else sum(len(m["content"]) for m in d)
+                chars += len(d) if isinstance(d, str | Pair) else sum(len(m["content"]) for m in d)
                 if chars >= GROUP_CHARS:
                     yield group, done
                     group, chars = [], 0
@@ -96,7 +131,7 @@ class SourcePlan:
     data: str  # the file, folder or hub dataset (local paths absolute)
     name: str  # short and unique among the run's sources: metrics, TensorBoard and the tables use it
     form: str  # "hub", "file", "folder" or "prepared"
-    data_format: str  # "text" or "chat" (what auto found)
+    data_format: str  # "text", "chat" or "preference" (what auto found)
     text_column: str
     txt_documents: str
     weight: float | None  # relative weight as given; None: by size (each source once per epoch)
@@ -130,6 +165,11 @@ class DataPlan:
     @property
     def chat(self) -> bool:
         return any(s.data_format == "chat" for s in self.sources)
+
+    @property
+    def preference(self) -> bool:
+        """Preference pairs: trained with the DPO loss (all sources then are; the plan refuses a mix)."""
+        return any(s.data_format == "preference" for s in self.sources)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
