@@ -220,7 +220,9 @@ def check_models(models: list[str]) -> None:
     a missing second model does not lose the first one's figures."""
     for name in models:
         folder = Path(name).expanduser()
-        if (folder / runs.CONFIG).is_file() and not (folder / runs.SUMMARY).is_file():
+        # A run folder without its summary and without a model in it (a merged model keeps its run's config)
+        model_there = any((folder / f).is_file() for f in ("config.json", "adapter_config.json"))
+        if (folder / runs.CONFIG).is_file() and not (folder / runs.SUMMARY).is_file() and not model_there:
             kept = checkpoint.complete(folder / runs.CHECKPOINTS)
             newest = f"evaluate its newest checkpoint (lmtune eval {kept[-1]} --data DATA) or " if kept else ""
             raise LmtuneError(

@@ -161,6 +161,7 @@ def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
     with atomic.written_beside(output, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (run / runs.CONFIG).is_file():  # the recipe that made it; `generate` reads the data format from it
-            shutil.copyfile(run / runs.CONFIG, tmp / runs.CONFIG)
+        for name in (runs.CONFIG, "data_plan.json"):  # the recipe and data plan that made it: `generate` reads
+            if (run / name).is_file():  # whether it was trained on chat from them
+                shutil.copyfile(run / name, tmp / name)
     return output
