@@ -37,6 +37,7 @@ def test_two_cpu_processes_train_one_model_and_gather_metrics(cli, tiny_model, c
 def test_a_run_folder_made_read_only_stops_every_process_with_one_line(tiny_model, corpus, tmp_path, lmtune_home):
     """The main process cannot write the run folder any more: every process stops within seconds, and the
     cause is said once (the others used to wait at their next collective, or print gloo's words)."""
+    import contextlib
     import os
     import shutil
     import subprocess
@@ -59,19 +60,24 @@ def test_a_run_folder_made_read_only_stops_every_process_with_one_line(tiny_mode
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.1)
         for path in [out, *out.rglob("*")]:  # read-only, files and folders
-            path.chmod(path.stat().st_mode & ~0o222)
+            with contextlib.suppress(FileNotFoundError):  # an old checkpoint the run deleted meanwhile
+                path.chmod(path.stat().st_mode & ~0o222)
         made_read_only = time.monotonic()
         _, err = proc.communicate(timeout=120)
         took = time.monotonic() - made_read_only
     finally:
         proc.kill()
         for path in [out, *out.rglob("*")]:
-            path.chmod(path.stat().st_mode | 0o200)
+            with contextlib.suppress(FileNotFoundError):
+                path.chmod(path.stat().st_mode | 0o200)
     assert proc.returncode == 1, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
-    assert f"could not write {out}" in errors[0] and "Permission denied" in errors[0], errors[0]
-    assert "--resume" in errors[0] and "Traceback" not in err, err[-3000:]
+    # Which write meets the read-only folder first (metrics.jsonl, or a checkpoint being saved) is a race; either
+    # way the one line names the folder and the cause.
+    assert str(out) in errors[0] and "Permission denied" in errors[0], errors[0]
+    assert ("could not write" in errors[0] and "--resume" in errors[0]) or "could not save the checkpoint" in errors[0]
+    assert "Traceback" not in err, err[-3000:]
     assert took < 60, took
 
 
