@@ -59,7 +59,7 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
     tokenizer = data.tokenizer_for(cfg, plan, report)
     corpus = data.load_corpus(plan.sources[0], tokenizer, report)
     chat = corpus.format in ("chat", "preference")
-    plan = rows_shape(cfg, plan, report)
+    plan = rows_shape(cfg, plan, tokenizer, report)
     block_size, packing = plan.block_size or 0, bool(plan.packing)
     if chat:
         for warning in template_warnings(corpus.train, tokenizer):
@@ -111,7 +111,7 @@ def training_view(cfg: Config, n: int, report: Report = lambda e: None) -> View:
     return view
 
 
-def rows_shape(cfg: Config, plan: data.DataPlan, report: Report) -> data.DataPlan:
+def rows_shape(cfg: Config, plan: data.DataPlan, tokenizer: Any, report: Report) -> data.DataPlan:
     """The plan's block size and packing, decided by the function training decides them with.
 
     Packing depends on the model (whether it keeps packed conversations apart), so for chat data with
@@ -121,10 +121,9 @@ def rows_shape(cfg: Config, plan: data.DataPlan, report: Report) -> data.DataPla
 
     if plan.chat and cfg.packing:
         report({"event": "phase", "phase": "loading model"})
-        tokenizer = data.tokenizer_for(cfg, plan, report)
         return setup.rows_shape(cfg, plan, load_model(cfg, tokenizer), True)
     if cfg.from_scratch:
-        config = new_model_config(cfg, data.tokenizer_for(cfg, plan, report))
+        config = new_model_config(cfg, tokenizer)
     else:
         from transformers import AutoConfig
 
