@@ -72,10 +72,10 @@ def child(args: list[str]) -> None:
     """In its own process: the dry run of `lmtune finetune ARGS`, its plan as one JSON line."""
     import logging
 
-    from lmtune import cli, config
+    from lmtune import config, display
     from lmtune.train import finetune
 
-    cli.quiet_libraries()
+    display.quiet_libraries()
     logging.getLogger("lmtune").setLevel(logging.WARNING)
     model, *rest = args
     flags: dict[str, Any] = {"model": model}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,14 @@ from lmtune.data.types import Conversation, Documents, Pair
 from lmtune.errors import LmtuneError, first_line
 from lmtune.evaluate import check_models
 from lmtune.events import Report, silent
-from lmtune.generate import Sampling, generate, load, trained_on_chat
+from lmtune.generate import generate, load, trained_on_chat
 from lmtune.metrics import SHIPPED, own_metric
 from lmtune.model import context_length
+from lmtune.options import Sampling
 
 log = logging.getLogger("lmtune")
 
 PREDICTIONS = "predictions.jsonl"  # in a run folder: the answers of its latest `lmtune eval --generate`
-MAX_NEW_TOKENS = 128  # per answer by default: enough for a few sentences; answers end at EOS before
 
 
 @dataclass
@@ -150,7 +150,9 @@ def answer(
     for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]
         room = context - max(lengths[i] for i in batch) if context else s.max_new_tokens
-        fitted = replace(s, max_new_tokens=min(s.max_new_tokens, room)) if room > 0 else s  # none: generate cuts
+        fitted = (
+            s.model_copy(update={"max_new_tokens": min(s.max_new_tokens, room)}) if room > 0 else s
+        )  # none: generate cuts
         fewest = min(fewest, fitted.max_new_tokens)
         for i, texts in zip(batch, generate(model, tokenizer, [prompts[i] for i in batch], fitted), strict=True):
             out[i] = texts[0]

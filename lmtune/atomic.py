@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lmtune.errors import LmtuneError
+
 
 def cannot_write_in(folder: Path) -> str | None:
     """Why no file can be written in `folder` (the OS's words), or None when one can. The one sure test is
@@ -80,3 +82,11 @@ def honour_umask(path: Path) -> None:
         wanted = (0o777 if f.is_dir() else 0o666) & ~mask
         if not f.is_symlink() and stat.S_IMODE(f.stat().st_mode) != wanted:
             f.chmod(wanted)
+
+
+def check_folder(flag: str, folder: Path) -> None:
+    """Fail before the work, not after it, when the folder `flag` names cannot take files."""
+    if not folder.is_dir():
+        raise LmtuneError(f"{flag} {folder}: no such folder; make it first or choose another")
+    if reason := cannot_write_in(folder):
+        raise LmtuneError(f"{flag} {folder}: cannot write in it ({reason}); choose another folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import yaml
 
 from lmtune import atomic, runs
 from lmtune.config import Config, build
+from lmtune.errors import LmtuneError
 from lmtune.model import looks_local
 
 PATH_KEYS = ("model", "tokenizer", "data", "validation_data")  # config keys that may hold local paths
@@ -240,3 +242,17 @@ def write_answers(run: Path, answers: dict[str, Any]) -> Path:
     with atomic.written_beside(path) as tmp:
         tmp.write_text(model_card(run, build(str(run / runs.CONFIG)), summary, answers))
     return path
+
+
+def check_chart(chart: Path) -> None:
+    """Fail before the evaluation, not after it, when --chart cannot be written."""
+    if chart.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise LmtuneError(f"--chart {chart}: name a .png, .svg or .pdf file")
+    if not chart.parent.is_dir():
+        raise LmtuneError(f"--chart {chart}: folder {chart.parent} does not exist")
+    if chart.is_dir():
+        raise LmtuneError(f"--chart {chart} is a folder; name an image file, e.g. {chart / 'perplexity.png'}")
+    if reason := atomic.cannot_write_in(chart.parent):
+        raise LmtuneError(f"--chart {chart}: cannot write in {chart.parent} ({reason}); choose another folder")
+    if chart.exists() and not os.access(chart, os.W_OK):
+        raise LmtuneError(f"--chart {chart}: the file is read-only; choose another name")

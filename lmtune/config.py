@@ -7,6 +7,7 @@ overrides. A key, its flag (`--batch-size`), the variable and the logged name ar
 from __future__ import annotations
 
 import difflib
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,8 +80,14 @@ class Config(BaseModel):
     """Dropout on the adapter's input while training."""
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or all-linear: every linear layer but the output head (GPT-2: c_attn, c_proj, c_fc)."""
+
+    # --- memory ---
     quantize: Literal["no", "4bit", "8bit"] = "no"
     """4bit (QLoRA: NF4, double quantization) or 8bit: the frozen base weights held quantized, computed in the run's precision; needs --lora and bitsandbytes. no: off."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input and recompute the rest in backward: far less activation memory, about a third more compute."""
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
+    """adamw; adamw-8bit: bitsandbytes', its states in 8 bits (a quarter of the memory); paged-adamw, paged-adamw-8bit: states paged to CPU memory when the GPU runs short (CUDA only)."""
 
     # --- data ---
     data: str | list[str | DataSource] | None = None
@@ -143,16 +150,12 @@ class Config(BaseModel):
     """Log training loss every N optimizer steps."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """Also log metrics to this tracker, through Accelerate: tensorboard (files in RUN/lmtune/) or wandb."""
-    gradient_checkpointing: bool = False
-    """Keep only each layer's input and recompute the rest in backward: far less activation memory, about a third more compute."""
-    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
-    """adamw; adamw-8bit: bitsandbytes', its states in 8 bits (a quarter of the memory); paged-adamw, paged-adamw-8bit: states paged to CPU memory when the GPU runs short (CUDA only)."""
+    compile: bool = False
+    """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
     beta: float = Field(0.1, gt=0)
     """Preference data (DPO): how far from the reference the model may move; smaller lets it move further."""
     reference: str | None = None
     """Preference data (DPO): the reference model. Default: the starting model (with --lora: it, adapter off)."""
-    compile: bool = False
-    """torch.compile the model: pays on GPUs for long runs; costs a minute of compiling, no gain on CPU (bench/)."""
 
     # --- output ---
     output: str | None = None
@@ -258,6 +261,27 @@ class Config(BaseModel):
 
 
 FIELDS = list(Config.model_fields)
+
+
+# The sections of Config, each by its first key (the "# --- model ---" comments above): `lmtune finetune --help`
+# shows each section's flags under its title; the last section's (output) join the command's own options.
+SECTIONS = {
+    "model": "Model",
+    "lora": "LoRA",
+    "quantize": "Memory (a bigger model on the same hardware)",
+    "data": "Data",
+    "epochs": "Training",
+    "output": None,
+}
+
+
+def section(key: str) -> str | None:
+    """The title of the section `key` belongs to."""
+    title = None
+    for field in FIELDS[: FIELDS.index(key) + 1]:
+        title = SECTIONS.get(field, title)
+    return title
+
 
 # What --resume accepts changed. A change to one of these would make it another run (another model, other
 # data or data order), so it is refused unless --force; every other key may change (how long and how
@@ -373,6 +397,18 @@ def find_recipe(name_or_path: str) -> Path:
     close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
     hint = f"; did you mean `{close[0]}`?" if close else ""
     raise LmtuneError(f"no recipe named `{name_or_path}`{hint} (`lmtune recipes list` shows them)")
+
+
+def copy_recipe(name: str, dest: Path | None) -> Path:
+    """Copy a recipe to edit it: to `dest` (a file or folder), by default NAME.yaml here; never over a file."""
+    src = find_recipe(name)
+    target = dest or Path(src.name)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists():
+        raise LmtuneError(f"{target} already exists; choose another destination")
+    shutil.copyfile(src, target)
+    return target
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:

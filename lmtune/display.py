@@ -6,7 +6,10 @@ output. Nothing outside the CLI layer writes to the terminal.
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
+import warnings
 from typing import Any
 
 from rich.console import Console
@@ -21,6 +24,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+
+def quiet_libraries() -> None:
+    """lmtune shows its own progress; the libraries' bars and chatter would only interleave with it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors reach the user as lmtune's one line
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    # Deprecation notices between libraries (peft calling transformers) are for their authors, not users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for chatty in ("bitsandbytes", "kernels"):  # bitsandbytes looks for an optional CPU kernel on the hub at import
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
+    logging.getLogger("lmtune").setLevel(logging.INFO)
 
 
 def human(n: float) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,9 @@ from transformers import TextStreamer
 from lmtune import lora, runs
 from lmtune.config import build, validate
 from lmtune.data import ensure_chat_template
+from lmtune.errors import LmtuneError
 from lmtune.model import context_length, load_pretrained, load_tokenizer
+from lmtune.options import Sampling
 
 log = logging.getLogger("lmtune")
 
@@ -41,16 +42,6 @@ def as_chat(tokenizer: Any, prompt: str) -> str:
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     return text
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 50
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int = 50
-    top_p: float = 0.95
-    num_return_sequences: int = 1
-    seed: int | None = None
 
 
 def load(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -139,3 +130,56 @@ def context_note(prompts: int, length: int, keep: int, new: int, asked: int, con
     if new == asked:
         return said + f"{kept}, to leave room for {new} new ones"
     return said + f"{kept} and generating at most {new} new ones, not {asked}"
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts in a file: one per line; JSONL with a `prompt` field; or a JSON list of them."""
+    if not path.is_file():
+        raise LmtuneError(f"no such prompts file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LmtuneError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if path.suffix == ".json":
+        prompts = json_prompts(path, text)
+    elif path.suffix == ".jsonl":
+        prompts = [jsonl_prompt(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise LmtuneError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def jsonl_prompt(path: Path, n: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+        prompt = row["prompt"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LmtuneError(f"{path} line {n}: expected a JSON object with a `prompt` field") from None
+    if not isinstance(prompt, str):
+        raise LmtuneError(f"{path} line {n}: `prompt` must be text, not {json_kind(prompt)}")
+    return prompt
+
+
+def json_prompts(path: Path, text: str) -> list[str]:
+    expected = 'expected a JSON list of strings or of {"prompt": "..."} objects'
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LmtuneError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); {expected}") from None
+    if not isinstance(items, list):
+        raise LmtuneError(f"{path} holds {json_kind(items)}; {expected}")
+    prompts = []
+    for i, item in enumerate(items, 1):
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise LmtuneError(f"{path} item {i}: expected a string or an object with a `prompt` string")
+        prompts.append(prompt)
+    return [p for p in prompts if p.strip()]
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for error messages."""
+    kinds = {type(None): "null", bool: "true/false", list: "a list", dict: "an object", str: "a string"}
+    return kinds.get(type(value), "a number")

@@ -129,11 +129,13 @@ def load_merged(folder: str | Path, dtype: Any, trust_remote_code: bool = False)
     return PeftModel.from_pretrained(base, folder, config=config).merge_and_unload()
 
 
-def merge(run: str | Path, output: Path, overwrite: bool = False) -> Path:
-    """Write the base model with the adapter of `run` merged in as a plain model folder (no peft needed to load it)."""
+def merge(run: str | Path, output: Path | None = None, overwrite: bool = False) -> Path:
+    """Write the base model with the adapter of `run` merged in as a plain model folder (no peft needed to load it),
+    in `output`: by default RUN-merged, beside the run."""
     import torch
 
     run = Path(run).expanduser()
+    output = output or Path(f"{run.resolve()}-merged")
     if not run.exists():
         raise LmtuneError(f"{run} does not exist; pass the folder of a run trained with --lora")
     if not is_adapter(run):

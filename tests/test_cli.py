@@ -333,14 +333,3 @@ def test_validation_percent_is_used_without_validation_data(quick, tmp_path):
 def test_error_text_is_printed_literally(cli, tiny_model):
     r = cli("finetune", tiny_model, "--data", "data[bold]x.txt")
     assert r.code == 1 and "no such file: data[bold]x.txt" in r.err
-
-
-def test_every_config_key_is_a_finetune_flag():
-    import inspect
-
-    from lmtune import cli as cli_module
-    from lmtune.config import Config
-
-    # The flags are declared one by one in cli.finetune; a key added to Config must get one too.
-    params = inspect.signature(cli_module.finetune).parameters
-    assert set(Config.model_fields) <= set(params)
