@@ -8,6 +8,7 @@ of the base model, the run and a second, longer run gives docs/img/eval-chart.pn
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def main() -> None:
         shown = finish(record(spawn([*args, "--output", "runs/tiny-40", "--max-steps", "40"], home, WIDTH, cwd=work)))
         if shown.code != 0:
             raise SystemExit(f"the run failed ({shown.code}):\n{shown.text}")
-        console = Console(record=True, width=WIDTH, force_terminal=True, color_system="truecolor", file=open("/dev/null", "w"))  # noqa: SIM115
+        console = Console(record=True, width=WIDTH, force_terminal=True, color_system="truecolor", file=io.StringIO())
         text = screen_text(shown.raw)
         print(text.plain)
         console.print(text, end="")
