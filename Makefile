@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # mkdocs-material prints a banner about MkDocs 2 on every build; the build itself is what matters
 export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: install test check format lint typecheck docs docs-reference docs-display demo bench bench-compile bench-packing bench-data bench-gpu bench-memory bench-dpo torture clean
+.PHONY: install test check format lint typecheck docs docs-reference docs-display docs-plots demo bench bench-compile bench-packing bench-data bench-gpu bench-memory bench-dpo torture clean
 
 install: $(VENV)/.installed
 
@@ -24,17 +24,17 @@ test: install
 	$(BIN)/pytest -q
 
 format: install
-	$(BIN)/ruff format lmtune tests demo bench
+	$(BIN)/ruff format lmtune tests demo bench docs
 
 lint: install
-	$(BIN)/ruff check lmtune tests demo bench
+	$(BIN)/ruff check lmtune tests demo bench docs
 
 typecheck: install
 	$(BIN)/mypy lmtune
 
 check: install
-	$(BIN)/ruff format --check lmtune tests demo bench
-	$(BIN)/ruff check lmtune tests demo bench
+	$(BIN)/ruff format --check lmtune tests demo bench docs
+	$(BIN)/ruff check lmtune tests demo bench docs
 	$(BIN)/mypy lmtune
 	$(BIN)/mkdocs build --strict --quiet --site-dir site
 	$(BIN)/pytest -q
@@ -50,6 +50,10 @@ docs-reference: install
 # docs/img/display.svg: the live display of a real (tiny, offline) fine-tune, captured on a pseudo-terminal
 docs-display: install
 	$(PY) docs/capture_display.py
+
+# docs/img/bench-*.png: the benchmark figures of docs/benchmarks.md as bar charts (a test checks they match the page)
+docs-plots: install
+	$(PY) docs/plot_benchmarks.py
 
 demo: install
 	bash demo/run.sh

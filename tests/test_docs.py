@@ -245,3 +245,19 @@ def test_the_reference_shows_each_command_s_help():
         assert f"## `lmtune {name}`" in page
         first = (command.help or "").strip().splitlines()[0]
         assert first in page, f"`lmtune {name} --help` says {first!r}; run `make docs-reference`"
+
+
+def test_the_benchmark_plots_draw_the_figures_on_the_page():
+    """docs/plot_benchmarks.py's figures are the page's: each one is in a table row of its page."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_benchmarks", ROOT / "docs/plot_benchmarks.py")
+    plots = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(plots)  # type: ignore[union-attr]
+    pages = (ROOT / "docs/benchmarks.md").read_text() + (ROOT / "docs/bigger-and-faster.md").read_text()
+    cells = {c.strip().strip("*") for line in pages.splitlines() if line.startswith("|") for c in line.split("|")}
+    words = set(re.findall(r"[\d,.]+", " ".join(cells)))
+    for name, (_, _, bars) in plots.PLOTS.items():
+        for bar, figure in bars.items():
+            assert figure in words, f"{name}: {bar} {figure} is not in the benchmark tables; run `make docs-plots`"
+        assert f"img/{name}.png" in pages, f"docs/img/{name}.png is shown on no page"
