@@ -1,12 +1,14 @@
 # make install: a .venv with torch (CPU wheel unless one is installed already) and lmtune.
-# make test / make check / make demo / make bench: see README.md.
+# make test / make check / make demo / make bench / make docs: see README.md.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# mkdocs-material prints a banner about MkDocs 2 on every build; the build itself is what matters
+export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: install test check format lint typecheck demo bench bench-compile bench-packing bench-data bench-gpu bench-memory bench-dpo torture clean
+.PHONY: install test check format lint typecheck docs docs-reference docs-display docs-plots demo bench bench-compile bench-packing bench-data bench-gpu bench-memory bench-dpo torture clean
 
 install: $(VENV)/.installed
 
@@ -22,19 +24,36 @@ test: install
 	$(BIN)/pytest -q
 
 format: install
-	$(BIN)/ruff format lmtune tests demo bench
+	$(BIN)/ruff format lmtune tests demo bench docs
 
 lint: install
-	$(BIN)/ruff check lmtune tests demo bench
+	$(BIN)/ruff check lmtune tests demo bench docs
 
 typecheck: install
 	$(BIN)/mypy lmtune
 
 check: install
-	$(BIN)/ruff format --check lmtune tests demo bench
-	$(BIN)/ruff check lmtune tests demo bench
+	$(BIN)/ruff format --check lmtune tests demo bench docs
+	$(BIN)/ruff check lmtune tests demo bench docs
 	$(BIN)/mypy lmtune
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
 	$(BIN)/pytest -q
+
+# the documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a page missing from the nav fails
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
+# docs/reference.md, the command reference, generated from the Typer app (tests/test_docs.py fails when it is stale)
+docs-reference: install
+	$(BIN)/typer lmtune.cli utils docs --name lmtune --output docs/reference.md
+
+# docs/img/display.svg: the live display of a real (tiny, offline) fine-tune, captured on a pseudo-terminal
+docs-display: install
+	$(PY) docs/capture_display.py
+
+# docs/img/bench-*.png: the benchmark figures of docs/benchmarks.md as bar charts (a test checks they match the page)
+docs-plots: install
+	$(PY) docs/plot_benchmarks.py
 
 demo: install
 	bash demo/run.sh
@@ -77,4 +96,4 @@ torture: install
 	$(PY) tests/torture.py --points 10
 
 clean:
-	rm -rf $(VENV) demo/out bench/out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo/out bench/out site .pytest_cache .mypy_cache .ruff_cache

@@ -71,7 +71,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-def make_tiny_model(folder: Path) -> Path:
+def make_tiny_model(folder: Path, n_positions: int = 64) -> Path:
     """A byte-level BPE tokenizer and a 2-layer GPT-2 saved in a folder, as a user's base model would be."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -86,7 +86,7 @@ def make_tiny_model(folder: Path) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     tok.save_pretrained(folder)  # like GPT-2: no pad token
     config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok), bos_token_id=0, eos_token_id=0
+        n_layer=2, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=len(tok), bos_token_id=0, eos_token_id=0
     )
     import torch
 

@@ -27,7 +27,7 @@ ARGS = ["--block-size", "31", "--batch-size", "4", "--mixed-precision", "no", "-
 CONFIGS = {
     # what `accelerate config` writes for "multi-CPU", 2 processes
     "multi-cpu": "distributed_type: MULTI_CPU\nuse_cpu: true\nnum_machines: 1\nnum_processes: 2\n",
-    # the FSDP example of the README
+    # the FSDP example of docs/training.md
     "fsdp": (
         "distributed_type: FSDP\nuse_cpu: true\nnum_machines: 1\nnum_processes: 2\nfsdp_config:\n"
         "  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
