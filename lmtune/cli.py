@@ -26,7 +26,7 @@ from lmtune.metrics import SHIPPED
 from lmtune.report import console, err_console
 
 app = typer.Typer(
-    help="Fine-tune causal language models: finetune, generate, eval, merge.",
+    help="Fine-tune causal language models (finetune), then generate with them and measure them (generate, eval).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -59,9 +59,9 @@ def flag(model: type[BaseModel], key: str, panel: str | None) -> Parameter:
         name += "/--no-" + key.replace("_", "-")
     bounds = {} if run else {b: getattr(m, b) for m in field.metadata for b in ("ge", "le") if hasattr(m, b)}
     option = typer.Option(
-        name, *[SHORT[key]] if key in SHORT else [], help=field.description, show_default=not run,
-        rich_help_panel=config.section(key) if run else panel, metavar="TEXT" if key == "data" and run else None,
-        min=bounds.get("ge"), max=bounds.get("le"),
+        name, *[SHORT[key]] if key in SHORT else [], help=config.help_for(key) if run else field.description,
+        show_default=not run, rich_help_panel=config.section(key) if run else panel, min=bounds.get("ge"),
+        max=bounds.get("le"), metavar="TEXT" if key == "data" and run else None,
     )  # fmt: skip
     annotation = Annotated[kind | None, option]
     return Parameter(key, Parameter.KEYWORD_ONLY, default=None if run else field.default, annotation=annotation)
@@ -292,8 +292,7 @@ def merge(
     quiet_libraries()
     from lmtune.lora import merge as run_merge
 
-    written = run_merge(run, output, overwrite)
-    console.print(f"[bold green]merged[/] {run} into [bold]{written}[/]; load it: AutoModelForCausalLM.from_pretrained")
+    report.merged(run, run_merge(run, output, overwrite))
 
 
 @app.command()

@@ -79,6 +79,14 @@ def prepared(r: dict[str, Any], model: str | None) -> None:
     )
 
 
+def merged(run: str, written: Path) -> None:
+    """What `merge` wrote, and how to load it."""
+    console.print(
+        f"[bold green]merged[/] {run} into [bold]{written}[/]; load it with AutoModelForCausalLM.from_pretrained",
+        soft_wrap=True,
+    )
+
+
 # --- generate ---------------------------------------------------------------------------------------------------
 
 

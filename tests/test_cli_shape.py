@@ -41,7 +41,9 @@ def test_every_field_of_a_commands_records_is_its_flag_with_the_fields_help(comm
         for key, field in record.model_fields.items():
             assert key in params, f"{record.__name__}.{key} is no flag of `lmtune {command}`"
             option = params[key].annotation.__metadata__[0]
-            assert option.help == field.description and option.help, f"--{key}: help is not the field's docstring"
+            assert field.description and option.help.startswith(field.description), (
+                f"--{key}: help is not its docstring"
+            )
             assert f"--{key.replace('_', '-')}" in option.default.split("/")[0]  # the flag is the key's name
 
 
@@ -64,6 +66,13 @@ def test_a_run_config_flag_left_out_leaves_the_recipes_value(tmp_path):
     assert (cfg.lr, cfg.batch_size, how["resume"]) == (0.004, 5, False)
     cfg, _ = cli.run_config([], flags)
     assert cfg.lr == 0.003
+
+
+def test_a_run_flags_help_adds_the_choices_and_default_its_docstring_leaves_out():
+    assert config.help_for("schedule").endswith("One of: cosine, linear, constant. Default: cosine.")
+    assert config.help_for("packing").endswith("Default: on.")
+    assert "Default: 5e-05" not in config.help_for("lr")  # its docstring says the default itself
+    assert "One of: paragraph, line, file." in config.help_for("txt_documents")  # its docstring names no choice
 
 
 def test_records_hold_no_field_twice_within_a_command():
