@@ -23,7 +23,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 
 def quiet_libraries() -> None:
@@ -41,6 +41,14 @@ def quiet_libraries() -> None:
         logging.getLogger(chatty).setLevel(logging.ERROR)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[logging.StreamHandler(sys.stderr)])
     logging.getLogger("lmtune").setLevel(logging.INFO)
+
+
+def fit(name: str, width: int) -> str:
+    """A phase's name in `width` characters: one that names a path keeps its end (the file), else its start."""
+    if len(name) <= width or "/" not in name:
+        return name  # the column cuts it with an ellipsis
+    verb, _, path = name.partition(" ")
+    return f"{verb} …{path[-(width - len(verb) - 2) :]}"
 
 
 def human(n: float) -> str:
@@ -233,16 +241,26 @@ class Display:
         self.phase = ""
         self.info = ""
         self.last_line = 0.0
+        self.name_width = 30  # characters of a phase's name on a terminal (set from its width)
 
     def __enter__(self) -> Display:
         if self.live:
+            # Fixed widths for all but the last column, which takes what is left and loses its end (lr first):
+            # left to itself, Rich squeezes the bars and counts away on a terminal of 100 columns.
+            width = self.console.width
+            self.name_width, bar = (
+                (22, 6) if width < 100 else (30, 8 if width < 110 else 16) if width < 140 else (40, 24)
+            )
+            info = max(10, width - self.name_width - bar - 23)  # the spinner, counts, time and gaps: 22, and a spare
             self.progress = Progress(
                 SpinnerColumn(),
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(elapsed_when_finished=True),
+                TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, width=self.name_width)),
+                BarColumn(bar_width=bar),
+                MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=9)),
+                TimeRemainingColumn(elapsed_when_finished=True, table_column=Column(no_wrap=True, min_width=7)),
+                TextColumn(
+                    "{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=info)
+                ),
                 console=self.console,
                 transient=False,
             )
@@ -264,7 +282,7 @@ class Display:
             for task in self.progress.tasks:
                 if task.id in self.tasks.values() and task.total is None:
                     self.progress.update(task.id, total=1, completed=1)
-            self.tasks[name] = self.progress.add_task(name, total=total, info="")
+            self.tasks[name] = self.progress.add_task(fit(name, self.name_width), total=total, info="")
         return self.tasks[name]
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -282,7 +300,7 @@ class Display:
             ppl = "" if event.get("perplexity") is None else f"  ppl {event['perplexity']:.2f}"  # DPO: none
             name = "loss" if ppl else "dpo loss"
             self.info = (
-                f"{name} {event['loss']:.4f}{ppl}  lr {event['lr']:.2e}  {human(event['tokens_per_second'])} tok/s"
+                f"{name} {event['loss']:.4f}{ppl}  {human(event['tokens_per_second'])} tok/s  lr {event['lr']:.2e}"
             )
             if self.progress:
                 self.progress.update(self._task("training", None), info=self.info)

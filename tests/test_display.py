@@ -27,10 +27,10 @@ EVENTS = [
 ]  # fmt: skip
 
 
-def run(terminal: bool) -> str:
+def run(terminal: bool, width: int = 120, events: list | None = None) -> str:
     out = io.StringIO()
-    with Display(Console(file=out, force_terminal=terminal, width=120)) as display:
-        for event in EVENTS:
+    with Display(Console(file=out, force_terminal=terminal, width=width)) as display:
+        for event in EVENTS if events is None else events:
             display(event)
     return out.getvalue()
 
@@ -53,7 +53,7 @@ def test_live_display_shows_phases_and_training_figures():
 def test_plain_output_is_log_lines():
     lines = run(terminal=False).splitlines()
     assert "tokenizing training data (10) ..." in lines
-    assert "step 1  loss 1.5000  ppl 4.48  lr 1.00e-04  2.5k tok/s" in lines
+    assert "step 1  loss 1.5000  ppl 4.48  2.5k tok/s  lr 1.00e-04" in lines
     assert "eval step 0: loss 2.0000  perplexity 7.39" in lines
     assert not any("\x1b[" in line for line in lines)  # no terminal control codes in a log file
 
@@ -74,3 +74,13 @@ def test_evaluations_between_training_steps_keep_the_live_display_going():
         for event in events:
             display(event)
     assert "eval step 2: loss 1.0000" in ANSI.sub("", out.getvalue())
+
+
+def test_a_narrow_terminal_keeps_the_bars_counts_and_loss_and_a_long_path_keeps_its_file_name():
+    # Rich left to itself squeezed the bars, counts and times away at 100 columns when a phase named a long path.
+    reading = {"event": "phase", "phase": "reading /home/someone/data/corpora/wikitext-2/train.txt"}
+    for width in (80, 100, 200):
+        text = ANSI.sub("", run(terminal=True, width=width, events=[reading, *EVENTS]))
+        training = [line for line in text.splitlines() if "training " in line and "/3" in line][-1]
+        assert "━" in training and "3/3" in training and "loss 1.5000" in training, (width, training)
+        assert "2/train.txt" in text, width

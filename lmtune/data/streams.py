@@ -128,7 +128,8 @@ def tokenize_split(
     against: find which of these hashes they have too."""
     tally = Tally()
     eos, dtype = tokenizer.eos_token_id, streams["train"].dtypes["ids"]
-    scale = 1_000_000 if source.unit == "MB" else 1
+    # Bytes read as the display's unit: MB, or KB for a file under 10 MB (whose MB would show as 0/0).
+    unit, scale = (source.unit, 1) if source.unit != "MB" else ("MB", 10**6) if source.total >= 10**7 else ("KB", 1000)
     start, tokens = time.perf_counter(), 0
     for docs, done in source.groups():
         kept = [d for d in docs if has_text(d)]
@@ -151,7 +152,7 @@ def tokenize_split(
                     tokens += len(split.ids)
         rate = tokens / max(time.perf_counter() - start, 1e-9)
         report({
-            "event": "phase", "phase": f"tokenizing {what}, {source.unit}", "done": done // scale,
+            "event": "phase", "phase": f"tokenizing {what}, {unit}", "done": done // scale,
             "total": source.total // scale, "info": f"{rate / 1e6:.2f}M tokens/s",
         })  # fmt: skip
     return tally
