@@ -8,6 +8,7 @@ table come from the same machine in the same minutes. Prints one table, writes b
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -40,13 +41,17 @@ EVAL_LINES = 0.15  # share of test.txt's lines evaluated on (its start), to keep
 console = Console(width=150)
 
 
-def run(name: str, cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, float, float]:
+def run(
+    name: str, cmd: list[Any], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[str, float, float]:
     """Run one measurement in a fresh process: what it printed, its wall seconds and its peak RSS in MB."""
     console.print(f"[dim]{name}: {' '.join(map(str, cmd))}[/]")
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "stdout.txt", "w+") as out, open(OUT / "stderr.txt", "w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            [str(c) for c in cmd], stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd
+        )
         # wait4 gives this child's own resource usage, so each peak belongs to one measurement.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -67,8 +72,9 @@ def lmtune(*args: Any) -> list[Any]:
     return [PY, "-m", "lmtune", *args]
 
 
-def finetune_job(name: str, out: Path, *extra: Any) -> dict[str, Any]:
-    """lmtune on the job; its figures come from the run's summary.json (training time excludes evaluation)."""
+def finetune_job(name: str, out: Path, *extra: Any, cwd: Path | None = None) -> dict[str, Any]:
+    """lmtune on the job; its figures come from the run's summary.json (training time excludes evaluation).
+    cwd: a folder holding another version's lmtune package, which `python -m` then imports instead."""
     _, wall, peak = run(
         name,
         lmtune(
@@ -77,6 +83,7 @@ def finetune_job(name: str, out: Path, *extra: Any) -> dict[str, Any]:
             "--block-size", BLOCK, "--batch-size", BATCH, "--max-steps", STEPS, "--lr", LR,
             "--weight-decay", WEIGHT_DECAY, "--eval-every", 0, "--log-every", 1, "--output", out, "--overwrite", *extra,
         ),
+        cwd=cwd,
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     # --log-every 1: each step's record holds the training seconds so far
@@ -120,6 +127,51 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def configurations(other: Path | None = None) -> dict[str, Any]:
+    """The fine-tuning configurations, by name: each a function that runs it once. other: a folder holding
+    another version's lmtune package (`git archive COMMIT lmtune | tar -x -C FOLDER`), run as "lmtune_other"."""
+    configs: dict[str, Any] = {
+        "trainer": lambda: trainer_job("Trainer, defaults", OUT / "trainer"),
+        "lmtune": lambda: finetune_job("lmtune, defaults", OUT / "lmtune"),
+        "lmtune_dropout0": lambda: finetune_job("lmtune, dropout=0", OUT / "lmtune-dropout0", "dropout=0"),
+    }
+    if bf16_is_fast():
+        configs["trainer_bf16"] = lambda: trainer_job("Trainer, bf16", OUT / "trainer-bf16", "--bf16")
+        configs["lmtune_fp32"] = lambda: finetune_job("lmtune, fp32", OUT / "lmtune-fp32", "--mixed-precision", "no")
+    if other:
+        configs["lmtune_other"] = lambda: finetune_job(f"lmtune from {other}", OUT / "lmtune-other", cwd=other)
+    return configs
+
+
+def interleaved(configs: dict[str, Any], rounds: int) -> dict[str, dict[str, Any]]:
+    """Each configuration `rounds` times, one round of all after another, so a noisy minute hits all alike."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, job in configs.items():
+            runs[name].append(job())
+    return {name: {**summarise(rs), "rounds": rs} for name, rs in runs.items()}
+
+
+def only(names: list[str], rounds: int, other: Path | None) -> None:
+    """--only: the named configurations interleaved, each one's tokens/s (median step, over all its runs and per
+    round) and the ratio of each pair; written to bench/out/only.json."""
+    configs = configurations(other)
+    if unknown := [n for n in names if n not in configs]:
+        raise SystemExit(f"no configuration {', '.join(unknown)}; there are {', '.join(configs)}")
+    jobs = interleaved({n: configs[n] for n in names}, rounds)
+    t = Table("configuration", "tok/s (median step)", "per round", "whole runs", title="--only", title_justify="left")
+    for name, job in jobs.items():
+        medians = [BATCH * BLOCK / sorted(r["step_seconds"])[len(r["step_seconds"]) // 2] for r in job["rounds"]]
+        t.add_row(
+            name, f"{job['tokens_per_second']:,.0f}", ", ".join(f"{x:,.0f}" for x in medians),
+            ", ".join(f"{x:,.0f}" for x in job["run_tokens_per_second"]),
+        )  # fmt: skip
+    console.print(t)
+    for x, y in ((x, y) for i, x in enumerate(jobs) for y in list(jobs)[i + 1 :]):
+        console.print(f"{x} / {y}: {jobs[x]['tokens_per_second'] / jobs[y]['tokens_per_second']:.3f}x")
+    (OUT / "only.json").write_text(json.dumps(jobs, indent=2) + "\n")
+
+
 def cuda() -> bool:
     import torch
 
@@ -134,6 +186,16 @@ def bf16_is_fast() -> bool:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--only", help="comma-separated fine-tuning configurations (e.g. lmtune,trainer_bf16): only these, "
+        "interleaved, then their ratios, on the base model of an earlier run; no evaluation or other parts",
+    )  # fmt: skip
+    p.add_argument(
+        "--other", type=Path, help="with --only: a folder holding another version's lmtune package, as lmtune_other"
+    )
+    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"runs of each configuration (default {ROUNDS})")
+    a = p.parse_args()
     if not (SHARED / "wikitext-2" / "valid.txt").is_file():
         raise SystemExit(f"no WikiText-2 under {SHARED}; set LMTUNE_SHARED_DATA to the shared data folder")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -153,6 +215,8 @@ def main() -> None:
     (OUT / "test-part.txt").write_text("".join(lines[: int(len(lines) * EVAL_LINES)]))
 
     # The base model, pretrained by lmtune from scratch (tokenizer trained on the same text).
+    if a.only and (OUT / "base" / "summary.json").is_file():
+        return only(a.only.split(","), a.rounds, a.other)
     _, wall, _ = run(
         "pretrain base",
         lmtune(
@@ -165,19 +229,9 @@ def main() -> None:
 
     # 1. Fine-tuning: the Trainer and lmtune on the same job, ROUNDS times interleaved; the best of each
     # counts, so a noisy minute on a shared machine does not decide a ratio.
-    configs: dict[str, Any] = {
-        "trainer": lambda: trainer_job("Trainer, defaults", OUT / "trainer"),
-        "lmtune": lambda: finetune_job("lmtune, defaults", OUT / "lmtune"),
-        "lmtune_dropout0": lambda: finetune_job("lmtune, dropout=0", OUT / "lmtune-dropout0", "dropout=0"),
-    }
-    if bf16_is_fast():
-        configs["trainer_bf16"] = lambda: trainer_job("Trainer, bf16", OUT / "trainer-bf16", "--bf16")
-        configs["lmtune_fp32"] = lambda: finetune_job("lmtune, fp32", OUT / "lmtune-fp32", "--mixed-precision", "no")
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-    for _ in range(ROUNDS):
-        for name, job in configs.items():
-            rounds[name].append(job())
-    jobs = {name: {**summarise(rs), "rounds": rs} for name, rs in rounds.items()}
+    if a.only:
+        return only(a.only.split(","), a.rounds, a.other)
+    jobs = interleaved(configurations(), a.rounds)
     # Every final model scored by the same scorer on the same text.
     folders = {name: OUT / name.replace("_", "-") for name in jobs}
     text, _, _ = run(

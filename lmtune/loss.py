@@ -100,13 +100,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # hidden (N, E), weight (V, E), targets (N,) with IGNORE where not scored
         grad_hidden = torch.empty_like(hidden)
+        # Cast once to what the matmuls run in (bf16 under bf16 autocast): autocast would cast the weight for
+        # each chunk's matmul, and the (C, V) gradient of the logits twice, once transposed.
+        dtype = compute_dtype(hidden)
+        h_in, w = hidden.to(dtype), weight.to(dtype)
         # A frozen head (LoRA keeps it fixed) needs no weight gradient: skip its (V, E) matmuls.
         wants_weight = ctx.needs_input_grad[1]
         grad_weight = torch.zeros(weight.shape if wants_weight else (), dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk_gradients = _compiled.get("gradients", _chunk_gradients)
         for i in range(0, len(hidden), CHUNK):
-            nll, grad_h, grad_w = chunk_gradients(hidden[i : i + CHUNK], weight, targets[i : i + CHUNK], wants_weight)
+            nll, grad_h, grad_w = chunk_gradients(h_in[i : i + CHUNK], w, targets[i : i + CHUNK], wants_weight)
             total += nll
             grad_hidden[i : i + CHUNK] = grad_h
             if wants_weight:
@@ -131,6 +135,12 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torc
     return nll, logits, lse, keep
 
 
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `hidden` run in: autocast's where it is on, else the tensor's own."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return _chunk(h, weight, t)[0]
 
@@ -138,15 +148,20 @@ def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.
 def _chunk_gradients(
     h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, wants_weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One chunk's summed NLL and its gradients in h (C, E) and, if wanted, in weight (V, E)."""
-    nll, logits, lse, keep = _chunk(h, weight, t)
-    # d(sum NLL)/d(logits) = softmax - one_hot(target), zero on rows not scored. Eager, each op is a pass
-    # over the (C, V) float32 logits, so they are done in place; compiled, they fuse into one or two passes.
-    probs = logits.sub_(lse[:, None]).exp_()
-    probs[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
-    probs *= keep[:, None]
-    grad_h = probs.to(weight.dtype) @ weight  # (C, E)
-    return nll, grad_h, probs.T.to(h.dtype) @ h if wants_weight else None  # (V, E)
+    """One chunk's summed NLL and its gradients in h (C, E) and, if wanted, in weight (V, E); h and weight in
+    the matmuls' dtype. Eager, each op is a pass over the (C, V) float32 logits, so there are four: the upcast,
+    log_softmax (one kernel: max, sum and output), exp in place and one cast for both matmuls. Rows not scored
+    are zeroed on the (C, E) sides of the matmuls, not in the (C, V) gradient: the same sums."""
+    keep = (t != IGNORE)[:, None].to(h.dtype)  # (C, 1)
+    rows, target = torch.arange(len(t), device=t.device), t.clamp(min=0)
+    # Upcast before the softmax: a bf16 log-softmax over a large vocabulary loses digits.
+    logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # (C, V)
+    nll = -(logp[rows, target] * keep.squeeze(1)).sum()
+    probs = logp.exp_()
+    probs[rows, target] -= 1  # d(NLL)/d(logits) = softmax - one_hot(target)
+    probs = probs.to(weight.dtype)
+    grad_h = (probs @ weight) * keep  # (C, E)
+    return nll, grad_h, probs.T @ (h * keep) if wants_weight else None  # (V, E)
 
 
 def _fused_chunk_gradients(

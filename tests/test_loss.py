@@ -39,6 +39,34 @@ def test_chunked_cross_entropy_matches_full_logits(monkeypatch):
         assert torch.allclose(loss.linear_cross_entropy(hidden, weight, targets) / 27, full, atol=1e-6)
 
 
+def test_chunked_cross_entropy_under_bf16_autocast_matches_full_bf16_logits(monkeypatch):
+    """lmtune's default where bf16 is fast: the chunks cast hidden states and head once and zero unscored rows
+    on the (C, E) side of the gradient matmuls. The loss is still F.cross_entropy over the whole upcast bf16
+    logits (what transformers computes under autocast), and the gradients agree to bf16's precision."""
+    monkeypatch.setattr(loss, "CHUNK", 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    ignored = [3, 11, 29]
+    targets[ignored] = loss.IGNORE
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = loss.linear_cross_entropy(hidden, weight, targets) / 27
+    ours.backward()
+    ours_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=loss.IGNORE)
+    full.backward()
+
+    assert ours.dtype == torch.float32 and torch.allclose(ours, full, rtol=1e-6)
+    for mine, theirs in zip(ours_grads, (hidden.grad, weight.grad), strict=True):
+        assert mine.dtype == torch.float32
+        assert (mine - theirs).abs().max() <= 2**-7 * theirs.abs().max()  # bf16 keeps 8 significant bits
+    assert not ours_grads[0][ignored].any()  # unscored rows get no gradient
+
+
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -2,7 +2,8 @@
 
 A host-device synchronisation (`.item()`, `bool(tensor)`, ...) makes the CPU wait for the GPU to finish
 everything queued; in the training step that stalls the GPU's work queue. lmtune syncs only at the
---log-every points. And `torch.compile` should see each transformer block as one graph.
+--log-every points. And `torch.compile` should see each transformer block as one graph. On a CPU the
+chunked loss is bound by memory: its passes over each chunk's logits are counted.
 """
 
 import json
@@ -63,6 +64,35 @@ def test_a_training_step_syncs_with_the_device_only_at_log_points(cli, tiny_mode
     # Conversions are counted against the step about to finish: p.step is 4, 8, 12 at the log points.
     assert set(counts) <= {4, 8, 12}, counts
     assert counts[4] and counts[8] and counts[12], counts
+
+
+def test_the_chunked_loss_makes_six_passes_over_a_chunks_logits_under_bf16_autocast(monkeypatch):
+    """Eager, each op that writes a chunk's (C, V) logits is a pass through memory, most of the loss's time on a
+    CPU. Six per chunk, forward and backward: the logits' matmul, the upcast, log_softmax, exp, the one-hot
+    subtraction and one cast for both gradient matmuls. The version before made eight, plus log-sum-exp's own,
+    with autocast casting the logits' gradient twice (once transposed) and a mask multiplied over all of it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmtune import loss
+
+    rows, vocab, width = 6, 40, 8
+    monkeypatch.setattr(loss, "CHUNK", rows)
+    passes = []
+
+    class Passes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            views = torch.Tag.view_copy in func.tags or func.is_view
+            if isinstance(out, torch.Tensor) and out.numel() == rows * vocab and not views:
+                passes.append(func.__name__)
+            return out
+
+    hidden = torch.randn(2 * rows, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (2 * rows,))
+    with Passes(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.linear_cross_entropy(hidden, weight, targets).backward()
+    assert len(passes) == 2 * 6, passes
 
 
 def frames():
