@@ -119,11 +119,11 @@ def load_merged(folder: str | Path, dtype: Any, trust_remote_code: bool = False)
     as fast at inference as the base (no separate adapter matmuls). An adapter trained on quantized
     weights is merged into the full-precision ones (as QLoRA's authors do): the merged model differs
     from the trained one by the quantization's rounding only."""
-    from peft import PeftConfig, PeftModel
+    from peft import LoraConfig, PeftModel
 
     folder = Path(folder).expanduser()
     base = load_base(folder, dtype, trust_remote_code)
-    config = PeftConfig.from_pretrained(str(folder))
+    config = LoraConfig.from_pretrained(str(folder))
     # Quantized, GPT-2's layers were bitsandbytes' linear ones, stored (out, in); here they are Conv1D again.
     config.fan_in_fan_out = base.config.model_type == "gpt2"
     return PeftModel.from_pretrained(base, folder, config=config).merge_and_unload()
