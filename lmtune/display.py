@@ -44,11 +44,15 @@ def quiet_libraries() -> None:
 
 
 def fit(name: str, width: int) -> str:
-    """A phase's name in `width` characters: one that names a path keeps its end (the file), else its start."""
-    if len(name) <= width or "/" not in name:
-        return name  # the column cuts it with an ellipsis
-    verb, _, path = name.partition(" ")
-    return f"{verb} …{path[-(width - len(verb) - 2) :]}"
+    """A phase's name in `width` characters: one that names a path keeps its words and the path's end (the file),
+    `resuming from …/step-0000147`; any other keeps its start (the column cuts it with an ellipsis)."""
+    words = name.split(" ")
+    at = next((i for i, word in enumerate(words) if "/" in word), None)
+    head = " ".join(words[:at]) if at is not None else name
+    if len(name) <= width or at is None or len(head) > width - 8:
+        return name
+    path = " ".join(words[at:])
+    return f"{head} …{path[-(width - len(head) - 2) :]}"
 
 
 def human(n: float) -> str:

@@ -84,3 +84,6 @@ def test_a_narrow_terminal_keeps_the_bars_counts_and_loss_and_a_long_path_keeps_
         training = [line for line in text.splitlines() if "training " in line and "/3" in line][-1]
         assert "━" in training and "3/3" in training and "loss 1.5000" in training, (width, training)
         assert "2/train.txt" in text, width
+    resuming = {"event": "phase", "phase": "resuming from /home/someone/runs/my-run/checkpoints/step-0000147"}
+    text = ANSI.sub("", run(terminal=True, width=100, events=[resuming, *EVENTS]))
+    assert "resuming from …" in text and "step-0000147" in text  # the words stay; the path keeps its end

@@ -49,9 +49,10 @@ def test_accumulated_micro_batches_train_the_same_model_as_one_batch(packing, cl
     four = tmp_path / "batch1x4"
     assert cli(*args(tiny_model, uneven_chat, one, 4, 1, packing)).code == 0
     assert cli(*args(tiny_model, uneven_chat, four, 1, 4, packing)).code == 0
-    # Same tokens, same gradients up to float rounding: the weights after 3 AdamW steps agree to 1e-6
-    # (per-micro-batch means, as before, left them 3.9e-3 apart; two processes 4.0e-3).
-    assert largest_difference(one, four) < 1e-6
+    # Same tokens, same gradients up to float rounding: the weights after 3 AdamW steps agree to 1e-5 (measured:
+    # up to 1.7e-6; AdamW divides by the gradient's size, so rounding moves small weights' steps most). Per-micro-
+    # batch means, as before, left them 3.9e-3 apart; two processes 4.0e-3.
+    assert largest_difference(one, four) < 1e-5
 
 
 @pytest.mark.slow
